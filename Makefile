@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (the main job on the built-in digits data) and `make test`.
+# Both set up .venv from scratch on a fresh machine; nothing else needs to be installed by hand.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0   # the CPU build; on a GPU machine: make TORCH=torch ...
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	touch $@
+
+demo: setup
+	$(PY) -m elt_scale.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs shards demo_out

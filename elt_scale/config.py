@@ -1,0 +1,283 @@
+"""Recipes: typed dataclasses loaded from YAML, with dotted `key.sub=value` overrides.
+
+Every value is checked before any work starts; an error names the key and what is allowed.
+YAML goes through `safe_load` and overrides are parsed as YAML scalars/lists, never evaluated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override is wrong; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                  # directory with manifest.json + {split}-NNNNNN.tar, or a brace pattern
+    split: str = "train"
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    strict: bool = False              # corrupt shard / unexpected member: fatal (True) or skipped and counted
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["masked", "diffusion"] = "masked"
+    width: int = 64
+    heads: int = 4
+    unique_layers: int = 2            # N
+    loops: int = 4                    # L_max
+    mlp_ratio: float = 4.0
+    grid: list = field(default_factory=lambda: [8, 8])   # [H, W] or [T, H, W] token/latent grid
+    channels: int = 1                 # latent channels (diffusion)
+    patch_size: int = 1               # spatial patch (diffusion)
+    temporal_patch: int = 1           # temporal patch (diffusion video)
+    vocab_size: int = 17              # codebook size (masked)
+    num_classes: int = 10
+    class_dropout: float = 0.1        # label drop for classifier-free guidance
+
+
+@dataclass
+class ObjectiveConfig:
+    label_smoothing: float = 0.0      # masked CE
+    noise_shift: float = 1.0          # shifted-cosine schedule: SNR scaled by 1/shift**2 (diffusion)
+    sigmoid_bias: float = 0.0         # sigmoid loss weighting bias b in sigmoid(b - logSNR) (diffusion)
+
+
+@dataclass
+class IlsdConfig:
+    enabled: bool = True
+    min_loops: int = 1
+    lambda_start: float = 1.0
+    lambda_end: float = 0.0
+    lambda_steps: int = 0             # 0 means train.steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch: int = 32
+    grad_accum: int = 1
+    global_batch: int = 0             # 0: not checked; else must equal micro_batch*grad_accum*world
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    bf16: bool = True                 # used only where the device supports it
+    checkpointing: Literal["none", "loop", "layer"] = "none"
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"              # auto | never | PATH
+    ema_decay: float = 0.0
+    max_bad_steps: int = 5
+    compile: bool = False
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    extra: dict = field(default_factory=dict)   # merged verbatim into the generated DeepSpeed config
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "elt-scale"
+    peak_tflops: float = 0.0          # per device, for MFU; 0 = not reported
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ilsd: IlsdConfig = field(default_factory=IlsdConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """YAML recipe (or defaults when path is None) + `a.b=value` overrides -> validated Recipe."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from e
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not a plain YAML recipe ({e})") from e
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    try:  # YAML scalars and flow lists only: '3', '1e-4', 'true', '[1, 2]'; anything else stays a string
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, dict):
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix or "recipe"
+        raise RecipeError(f"unknown key {prefix + unknown[0] if prefix else unknown[0]!s} in {where}; "
+                          f"allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise RecipeError(f"{key}={value!r}: allowed values are {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):   # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise RecipeError(f"{key}={value!r}: expected a string")
+        return str(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}={value!r}: expected a list like [1, 2]")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}={value!r}: expected a mapping")
+        return value
+    return value
+
+
+def _check(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise RecipeError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def validate(r: Recipe) -> None:
+    m, t, i = r.model, r.train, r.ilsd
+    _check(m.width > 0 and m.heads > 0 and m.width % m.heads == 0, "model.width", m.width,
+           f"a positive multiple of model.heads ({m.heads})")
+    _check(m.unique_layers >= 1, "model.unique_layers", m.unique_layers, ">= 1")
+    _check(m.loops >= 1, "model.loops", m.loops, ">= 1")
+    _check(len(m.grid) in (2, 3) and all(isinstance(g, int) and g > 0 for g in m.grid),
+           "model.grid", m.grid, "[H, W] or [T, H, W] of positive integers")
+    _check(m.vocab_size >= 2, "model.vocab_size", m.vocab_size, ">= 2")
+    _check(m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1")
+    _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", m.class_dropout, "0 <= p < 1")
+    _check(m.patch_size >= 1 and all(g % m.patch_size == 0 for g in m.grid[-2:]), "model.patch_size",
+           m.patch_size, f"a divisor of the spatial grid {m.grid[-2:]}")
+    _check(m.temporal_patch >= 1 and (len(m.grid) == 2 or m.grid[0] % m.temporal_patch == 0),
+           "model.temporal_patch", m.temporal_patch, "a divisor of the temporal grid")
+    if i.enabled:
+        _check(m.loops >= 2, "model.loops", m.loops, ">= 2 when ilsd.enabled (the student needs L_int < L_max)")
+        _check(1 <= i.min_loops < m.loops, "ilsd.min_loops", i.min_loops, f"1 .. model.loops-1 = {m.loops - 1}")
+    for key in ("lambda_start", "lambda_end"):
+        v = getattr(i, key)
+        _check(0.0 <= v <= 1.0, f"ilsd.{key}", v, "0 .. 1")
+    _check(i.lambda_steps >= 0, "ilsd.lambda_steps", i.lambda_steps, ">= 0 (0 = train.steps)")
+    _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _check(t.micro_batch >= 1, "train.micro_batch", t.micro_batch, ">= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    _check(t.global_batch >= 0, "train.global_batch", t.global_batch, ">= 0 (0 = not checked)")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "0 .. 1")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "[b1, b2] in [0, 1)")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _check(t.save_every >= 0, "train.save_every", t.save_every, ">= 0 (0 = only at the end)")
+    _check(t.keep_last >= 1, "train.keep_last", t.keep_last, ">= 1")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "0 (off) .. <1")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, ">= 1")
+    _check(r.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", r.deepspeed.zero_stage, "0, 1, 2, 3")
+    _check(r.data.shuffle_buffer >= 0, "data.shuffle_buffer", r.data.shuffle_buffer, ">= 0")
+    _check(r.data.num_workers >= 0, "data.num_workers", r.data.num_workers, ">= 0")
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def save_recipe(r: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))

@@ -1,0 +1,67 @@
+"""Recipe -> DeepSpeed config dict (ZeRO stage, batch arithmetic, precision, LR schedule)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class BatchMismatch(ValueError):
+    pass
+
+
+def global_batch(recipe, world: int) -> int:
+    t = recipe.train
+    g = t.micro_batch * t.grad_accum * world
+    if t.global_batch and t.global_batch != g:
+        raise BatchMismatch(f"train.global_batch={t.global_batch} but train.micro_batch ({t.micro_batch}) × "
+                            f"train.grad_accum ({t.grad_accum}) × world size ({world}) = {g}")
+    return g
+
+
+def bf16_enabled(recipe) -> bool:
+    return bool(recipe.train.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_ds_config(recipe, world: int) -> dict:
+    t, d = recipe.train, recipe.deepspeed
+    zero: dict = {"stage": d.zero_stage}
+    if d.zero_stage >= 2:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_batch_size": global_batch(recipe, world),
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16_enabled(recipe)},
+        "zero_optimization": zero,
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio}},
+        "steps_per_print": 10**9,           # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if d.offload_optimizer:                  # ZeRO-Offload needs DeepSpeed's CPU Adam
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
+                                                       "weight_decay": t.weight_decay}}
+    return merge(cfg, d.extra)
+
+
+def make_optimizer(recipe, model):
+    """torch AdamW (fused on GPU); no weight decay on norms, biases and embeddings-as-vectors."""
+    t = recipe.train
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available())

@@ -1,0 +1,60 @@
+"""LoopedTrunk: N unique layers applied L times. One pass returns the state at any set of loop counts."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import TransformerLayer
+
+CHECKPOINTING = ("none", "loop", "layer")
+
+
+class LoopedTrunk(nn.Module):
+    def __init__(self, width: int, heads: int, unique_layers: int, loops: int, mlp_ratio: float = 4.0,
+                 adaln: bool = False, checkpointing: str = "none"):
+        super().__init__()
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing={checkpointing!r}; allowed: {', '.join(CHECKPOINTING)}")
+        self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio, adaln) for _ in range(unique_layers))
+        self.loops = loops            # L_max: the default exit
+        self.checkpointing = checkpointing
+
+    def block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """One loop: the N unique layers in order (the block g of the paper)."""
+        for layer in self.layers:
+            if self.checkpointing == "layer" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cond, use_reentrant=False)
+            else:
+                x = layer(x, cond)
+        return x
+
+    def step(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block once, checkpointed per loop if asked (then only loop-boundary states are kept)."""
+        if self.checkpointing == "loop" and torch.is_grad_enabled():
+            return checkpoint(self.block, x, cond, use_reentrant=False)
+        return self.block(x, cond)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                exits: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Run max(exits) loops; return the hidden state after each requested loop count, in `exits` order."""
+        exits = tuple(exits) if exits is not None else (self.loops,)
+        if not exits or min(exits) < 1:
+            raise ValueError(f"exits must be loop counts >= 1, got {exits}")
+        wanted = set(exits)
+        states = {}
+        for loop in range(1, max(exits) + 1):
+            x = self.step(x, cond)
+            if loop in wanted:
+                states[loop] = x
+        return [states[e] for e in exits]
+
+
+def normalize_exits(exits: Iterable[int] | int | None, default: int) -> tuple[int, ...]:
+    if exits is None:
+        return (default,)
+    if isinstance(exits, int):
+        return (exits,)
+    return tuple(int(e) for e in exits)

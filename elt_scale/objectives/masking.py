@@ -1,0 +1,37 @@
+"""MaskGIT objective: cosine mask schedule, masked cross-entropy, soft cross-entropy for distillation."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
+    """Fraction of tokens masked at schedule position r in [0, 1) (MaskGIT's cosine schedule)."""
+    return torch.cos(math.pi / 2 * r)
+
+
+def random_mask(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask (B, n) of the positions to hide: per sample r ~ U(0,1), ceil(cos(pi/2 r)·n) positions."""
+    b, n = tokens.shape[0], tokens[0].numel()
+    r = torch.rand(b, generator=generator)
+    count = torch.ceil(cosine_mask_ratio(r) * n).clamp(1, n)
+    scores = torch.rand(b, n, generator=generator)
+    ranks = scores.argsort(dim=1).argsort(dim=1)      # rank of each position's score
+    return (ranks < count[:, None]).to(tokens.device)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+              label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over masked positions. logits (B, n, V), targets/mask (B, n)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none",
+                         label_smoothing=label_smoothing)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's full distribution, over masked positions."""
+    p_teacher = teacher_logits.float().softmax(-1)
+    ce = -(p_teacher * student_logits.float().log_softmax(-1)).sum(-1)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from elt_scale.config import load_recipe
+from elt_scale.models import build_model, count_params
+from elt_scale.models.trunk import LoopedTrunk
+from tests.conftest import ROOT
+
+
+def tiny(family="masked", grid=(4, 4), **kw):
+    o = [f"model.family={family}", "model.width=32", "model.heads=2", "model.unique_layers=2", "model.loops=3",
+         f"model.grid={list(grid)}", "model.vocab_size=9", "model.num_classes=5", "model.channels=2",
+         "model.patch_size=2" if family == "diffusion" else "model.patch_size=1"]
+    o += [f"{k}={v}" for k, v in kw.items()]
+    return load_recipe(ROOT / "recipes" / "digits_masked.yaml", o)
+
+
+def perturb(model):
+    """adaLN-Zero makes a fresh diffusion model output zeros; give every matrix random weights."""
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def inputs(model, r, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, r.model.num_classes, (b,), generator=g)
+    if r.model.family == "masked":
+        return (torch.randint(0, r.model.vocab_size + 1, (b, *r.model.grid), generator=g), labels)
+    x = torch.randn(b, r.model.channels, *r.model.grid, generator=g)
+    return (x, torch.rand(b, generator=g), labels)
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_params_depend_on_n_not_l(family):
+    torch.manual_seed(0)
+    base = count_params(build_model(tiny(family, **{"model.loops": 2})))
+    assert count_params(build_model(tiny(family, **{"model.loops": 8}))) == base
+    assert count_params(build_model(tiny(family, **{"model.unique_layers": 3, "model.loops": 2}))) > base
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_exit_equals_separate_shorter_pass(family):
+    r = tiny(family)
+    torch.manual_seed(0)
+    model = perturb(build_model(r)).eval()
+    x = inputs(model, r)
+    with torch.no_grad():
+        outs = model(*x, exits=(1, 2, 3))
+        for l, out in zip((1, 2, 3), outs):
+            (alone,) = model(*x, exits=(l,))
+            torch.testing.assert_close(out, alone, rtol=0, atol=0)
+        assert not torch.allclose(outs[0], outs[2])
+
+
+def test_trunk_runs_beyond_l_max():
+    trunk = LoopedTrunk(16, 2, unique_layers=1, loops=2)
+    h = torch.randn(2, 5, 16)
+    a, b = trunk(h, exits=(2, 5))
+    assert a.shape == b.shape == h.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_grads_reach_shared_layers_from_student_and_teacher(family):
+    r = tiny(family)
+    torch.manual_seed(0)
+    model = perturb(build_model(r))
+    x = inputs(model, r)
+    for which in (0, 1):       # 0: student (exit 1) alone, 1: teacher (exit 3) alone
+        model.zero_grad()
+        outs = model(*x, exits=(1, 3))
+        outs[which].float().pow(2).mean().backward()
+        for layer in model.trunk.layers:
+            g = layer.mlp.fc1.weight.grad
+            assert g is not None and g.abs().sum() > 0, f"no grad from exit {which}"
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_checkpointing_policies_agree(family):
+    results = []
+    for policy in ("none", "loop", "layer"):
+        r = tiny(family, **{"train.checkpointing": policy})
+        torch.manual_seed(0)
+        model = perturb(build_model(r))
+        x = inputs(model, r)
+        outs = model(*x, exits=(2, 3))
+        loss = sum(o.float().pow(2).mean() for o in outs)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        for g, g0 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_video_inputs(family):
+    r = tiny(family, grid=(2, 4, 4), **({"model.temporal_patch": 2} if family == "diffusion" else {}))
+    torch.manual_seed(0)
+    model = build_model(r)
+    x = inputs(model, r, b=2)
+    outs = model(*x, exits=(1, 3))
+    if family == "masked":
+        assert outs[1].shape == (2, 2 * 4 * 4, r.model.vocab_size)
+    else:
+        assert outs[1].shape == x[0].shape
+    outs[1].float().mean().backward()

@@ -1,0 +1,45 @@
+import pytest
+
+from tests.conftest import read_metrics, run_train
+
+
+def test_masked_digits_300_steps_lower_teacher_loss(tmp_path, digits_shards):
+    r = run_train("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={tmp_path}",
+                  "train.steps=300", "train.save_every=0", "train.log_every=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(tmp_path / "digits_masked")
+    assert [row["step"] for row in rows] == list(range(5, 301, 5))
+    for key in ("step", "loss", "loss_teacher", "loss_student", "loss_distill", "lambda", "l_int", "lr",
+                "samples_per_s"):
+        assert key in rows[0], key
+    first = rows[0]["loss_teacher"]                 # step 5; ln(17) = 2.83 nats for a uniform guess
+    last = sum(r["loss_teacher"] for r in rows[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    assert rows[0]["lambda"] > 0.9 and rows[-1]["lambda"] == pytest.approx(0.0, abs=0.01)
+    assert (tmp_path / "digits_masked" / "recipe.yaml").exists()
+    assert (tmp_path / "digits_masked" / "ckpt" / "latest").exists()
+
+
+def test_diffusion_digits_trains(tmp_path, digits_pixel_shards):
+    r = run_train("digits_diffusion.yaml", f"data.shards={digits_pixel_shards}", f"run.out_dir={tmp_path}",
+                  "train.steps=20", "train.log_every=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(tmp_path / "digits_diffusion")
+    assert len(rows) == 4 and all(row["loss"] == row["loss"] for row in rows)
+
+
+@pytest.mark.multiproc
+def test_two_ranks_deepspeed_launcher(tmp_path, digits_shards):
+    r = run_train("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={tmp_path}",
+                  "train.steps=6", "train.log_every=2", "deepspeed.zero_stage=2", nprocs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(tmp_path / "digits_masked")
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert all(row["world_size"] == 2 for row in rows)
+
+
+def test_bad_override_fails_before_work(tmp_path):
+    r = run_train("digits_masked.yaml", f"run.out_dir={tmp_path}", "ilsd.min_loops=9")
+    assert r.returncode == 2
+    assert "ilsd.min_loops" in r.stderr
+    assert not (tmp_path / "digits_masked").exists()
