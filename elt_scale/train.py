@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     rank, world = init_distributed()
     torch.manual_seed(recipe.run.seed)           # identical initial weights on every rank
     model = build_model(recipe)
+    if recipe.train.compile:
+        model.trunk.compile_block()
     objective = build_objective(recipe)
     ds_config = make_ds_config(recipe, world)
     optimizer = None if "optimizer" in ds_config else make_optimizer(recipe, model)

@@ -21,6 +21,11 @@ class LoopedTrunk(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio, adaln) for _ in range(unique_layers))
         self.loops = loops            # L_max: the default exit
         self.checkpointing = checkpointing
+        self._block = self.block      # replaced by the compiled block after compile_block()
+
+    def compile_block(self, **kwargs) -> None:
+        """torch.compile one loop of the block; every loop (and every exit) reuses the same graph."""
+        self._block = torch.compile(self.block, **kwargs)
 
     def block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """One loop: the N unique layers in order (the block g of the paper)."""
@@ -34,8 +39,8 @@ class LoopedTrunk(nn.Module):
     def step(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block once, checkpointed per loop if asked (then only loop-boundary states are kept)."""
         if self.checkpointing == "loop" and torch.is_grad_enabled():
-            return checkpoint(self.block, x, cond, use_reentrant=False)
-        return self.block(x, cond)
+            return checkpoint(self._block, x, cond, use_reentrant=False)
+        return self._block(x, cond)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 exits: Sequence[int] | None = None) -> list[torch.Tensor]:
