@@ -6,6 +6,7 @@ YAML goes through `safe_load` and overrides are parsed as YAML scalars/lists, ne
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,8 +236,13 @@ def _check(cond: bool, key: str, value, allowed: str) -> None:
         raise RecipeError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
 def validate(r: Recipe) -> None:
     m, t, i = r.model, r.train, r.ilsd
+    _check(bool(_RUN_NAME.fullmatch(r.run.name)) and ".." not in r.run.name, "run.name", r.run.name,
+           "letters, digits, '_', '-', '.' (it names a directory under run.out_dir)")
     _check(m.width > 0 and m.heads > 0 and m.width % m.heads == 0, "model.width", m.width,
            f"a positive multiple of model.heads ({m.heads})")
     _check(m.unique_layers >= 1, "model.unique_layers", m.unique_layers, ">= 1")
