@@ -52,5 +52,5 @@ def test_cli_never_evaluates_overrides(tmp_path):
     r = subprocess.run([sys.executable, "-m", "elt_scale.train", str(MASKED), f"run.name=$(touch {marker})",
                         f"train.lr=__import__('os').system('touch {marker}')"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "run.name" in r.stderr
+    assert r.returncode == 2 and ("run.name" in r.stderr or "train.lr" in r.stderr)
     assert not marker.exists()
