@@ -90,6 +90,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     max_bad_steps: int = 5
     compile: bool = False
+    debug_nan_steps: list = field(default_factory=list)   # test hook: NaN loss_student on rank 0 at these steps
+    debug_kill_in_save: int = 0       # test hook: SIGKILL all ranks mid-save of this step (before 'latest' moves)
 
 
 @dataclass
@@ -102,7 +104,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_mode: Literal["disabled", "offline", "online"] = "offline"   # WANDB_MODE env overrides
     wandb_project: str = "elt-scale"
     peak_tflops: float = 0.0          # per device, for MFU; 0 = not reported
 
