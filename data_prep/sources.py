@@ -1,20 +1,46 @@
-"""Source readers: each yields Item(key, load, label) for one split; `load()` returns pixels in [0, 1]
-as a float tensor (C, H, W) for images or (C, T, H, W) for video, or raises for an unreadable input."""
+"""Source readers: list one split of a dataset as Items (decoded later, in DataLoader workers).
+
+Every source returns the full sorted item list for its split, so every rank of an array job sees the
+same list and takes its own slice. Inputs that cannot even be listed (a symlink out of the tree, a
+file the split list names but the disk lacks, an image outside any class folder) go to `skipped`
+with the reason; inputs that fail to decode are added to it later by tokenize.py.
+
+    imagenet  train layout  ROOT/nXXXXXXXX/*.JPEG; classes in the standard ILSVRC-2012 order, which
+              is the sorted order of the 1000 synset ids (n01440764 = 0 ... n15075141 = 999). That
+              order is what sorting the folders gives; with fewer folders, pass --class-index
+              (e.g. LOC_synset_mapping.txt: one synset per line, first token) to keep the 1000 labels.
+              val layout   ROOT/*.JPEG + --labels FILE: lines `FILE SYNSET` or `FILE LABEL`
+              (space or comma separated; LOC_val_solution.csv works as is).
+    ucf101    ROOT/<Class>/v_<Class>_gXX_cXX.avi with classInd.txt and trainlist0K/testlist0K.txt
+              (in ROOT, ROOT/ucfTrainTestlist, or --annotations DIR); --split train|test, --split-id K.
+    folder    ROOT/<class>/**/<image>, classes in sorted folder order.
+    digits    scikit-learn's 8x8 digits (no --input).
+Class names are matched case-insensitively between index files and folders (UCF-101's classInd.txt
+says HandStandPushups, its folder says HandstandPushups).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import torch
+
+from .decode import ArrayDecoder, ImageDecoder, VideoDecoder
+from .files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, strip_suffix, unique_keys, walk_files
+
+SYNSET = re.compile(r"n\d{8}")
 
 
 @dataclass
 class Item:
-    key: str                              # unique, tar-safe sample key
-    load: Callable[[], torch.Tensor]      # decode on demand (in a worker), may raise
+    name: str                   # raw name the key derives from (sanitised + made unique by assign_keys)
+    ref: Any                    # what `Source.decode` reads: a path or an index
     label: int
-    source: str                           # original file name / index, for the manifest and errors
+    source: str                 # original file name, for the manifest and error messages
+    flip: bool = False
+    key: str = ""
 
 
 @dataclass
@@ -22,23 +48,193 @@ class Source:
     items: list[Item]
     class_names: list[str]
     channels: int
-    grid: list[int]                       # [H, W] or [T, H, W] of the decoded pixels
+    grid: list[int]                          # [H, W] or [T, H, W] of the decoded pixels
+    decode: Callable                         # decode(ref, flip) -> (C, [T,] H, W) in [0, 1]
+    skipped: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # extra manifest facts (resolution, frames, ...)
 
 
-def digits(split: str, **_) -> Source:
-    """scikit-learn's 8×8 digits (1797 images, 17 grey levels). Every 10th image is `val`, the rest `train`."""
+def add_flips(items: list[Item]) -> list[Item]:
+    """Each item followed by its horizontally flipped copy."""
+    out = []
+    for it in items:
+        out += [it, Item(it.name + "_flip", it.ref, it.label, it.source, flip=True)]
+    return out
+
+
+def assign_keys(items: list[Item]) -> None:
+    for it, key in zip(items, unique_keys([it.name for it in items])):
+        it.key = key
+
+
+# ---------------------------------------------------------------------------------------------
+# image sources
+
+def _class_folder_items(root: Path, lookup: dict[str, int], skipped: list[dict]) -> list[Item]:
+    """Items of a class-per-folder tree; `lookup` maps lower-case folder name -> label."""
+    items = []
+    for path in walk_files(root, IMAGE_EXTENSIONS, skipped):
+        rel = path.relative_to(root).as_posix()
+        folder = rel.split("/")[0] if "/" in rel else None
+        if folder is None or folder.lower() not in lookup:
+            why = "not inside a class folder" if folder is None else f"folder {folder!r} is not a known class"
+            skipped.append({"source": rel, "reason": why})
+            continue
+        items.append(Item(strip_suffix(rel), str(path), lookup[folder.lower()], rel))
+    return items
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.is_symlink())
+
+
+def _check_root(input: str | None, source: str) -> Path:
+    if not input:
+        raise ValueError(f"--source {source} needs --input PATH")
+    root = Path(input)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--input {input}: not a directory")
+    return root
+
+
+def read_class_index(path: str) -> list[str]:
+    """One class per line; the first token is the name (LOC_synset_mapping.txt, a plain list, or
+    UCF-101's classInd.txt `1 ApplyEyeMakeup`, where a leading number gives the 1-based order)."""
+    rows = [line.replace(",", " ").split() for line in Path(path).read_text().splitlines() if line.strip()]
+    if rows and all(len(r) >= 2 and r[0].isdigit() for r in rows):
+        return [name for _, name in sorted((int(r[0]), r[1]) for r in rows)]
+    return [r[0] for r in rows]
+
+
+def _lookup(class_names: list[str], where: str) -> dict[str, int]:
+    lookup = {}
+    for i, name in enumerate(class_names):
+        if name.lower() in lookup:
+            raise ValueError(f"{where}: class {name!r} appears twice (names are compared case-insensitively)")
+        lookup[name.lower()] = i
+    return lookup
+
+
+def folder(input=None, resolution=256, **_) -> Source:
+    root = _check_root(input, "folder")
+    classes = _class_dirs(root)
+    if not classes:
+        raise ValueError(f"--input {root}: no class folders")
+    skipped: list[dict] = []
+    items = _class_folder_items(root, _lookup(classes, str(root)), skipped)
+    return Source(items, classes, 3, [resolution, resolution], ImageDecoder(resolution), skipped,
+                  {"resolution": resolution})
+
+
+def imagenet(input=None, split="train", resolution=256, labels=None, class_index=None, **_) -> Source:
+    root = _check_root(input, "imagenet")
+    skipped: list[dict] = []
+    folders = [d for d in _class_dirs(root) if SYNSET.fullmatch(d.lower())]
+    classes = read_class_index(class_index) if class_index else None
+    if folders and not labels:                        # train layout (or a val tree sorted into folders)
+        classes = classes or sorted(folders)
+        items = _class_folder_items(root, _lookup(classes, class_index or str(root)), skipped)
+    else:                                             # flat val layout + label file
+        if not labels:
+            raise ValueError(f"--input {root} has no nXXXXXXXX class folders; for the flat val layout "
+                             "pass --labels FILE (lines `FILE SYNSET` or `FILE LABEL`)")
+        table = read_val_labels(labels)
+        classes = classes or sorted({v for v in table.values() if isinstance(v, str)}) or \
+            [str(i) for i in range(1000)]
+        lookup = _lookup(classes, class_index or labels)
+        items = []
+        for path in walk_files(root, IMAGE_EXTENSIONS, skipped):
+            rel = path.relative_to(root).as_posix()
+            label = table.get(path.name.split(".")[0].lower())
+            if isinstance(label, str):
+                label = lookup.get(label.lower())
+            if label is None or not 0 <= label < len(classes):
+                skipped.append({"source": rel, "reason": f"no (known) label for it in {labels}"})
+                continue
+            items.append(Item(strip_suffix(rel), str(path), label, rel))
+    if len(classes) != 1000:
+        print(f"note: imagenet with {len(classes)} classes; labels follow "
+              f"{'--class-index' if class_index else 'the sorted synset ids present'}")
+    return Source(items, classes, 3, [resolution, resolution], ImageDecoder(resolution), skipped,
+                  {"resolution": resolution, "split": split})
+
+
+def read_val_labels(path: str) -> dict[str, str | int]:
+    """File stem (lower case) -> synset id or integer label."""
+    table: dict[str, str | int] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        tok = line.replace(",", " ").split()
+        if len(tok) < 2 or tok[0].lower() == "imageid":
+            continue
+        value = tok[1]
+        table[tok[0].split(".")[0].lower()] = int(value) if value.isdigit() else value
+    if not table:
+        raise ValueError(f"--labels {path}: no `FILE LABEL` lines")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# video
+
+def _annotation_dir(root: Path, annotations: str | None) -> Path:
+    candidates = [Path(annotations)] if annotations else [root, root / "ucfTrainTestlist",
+                                                          root.parent / "ucfTrainTestlist"]
+    for d in candidates:
+        if (d / "classInd.txt").is_file():
+            return d
+    raise FileNotFoundError(f"classInd.txt not found in {', '.join(map(str, candidates))}; pass --annotations DIR")
+
+
+def ucf101(input=None, split="train", split_id=1, resolution=128, frames=16, frame_stride=1,
+           annotations=None, **_) -> Source:
+    root = _check_root(input, "ucf101")
+    if split not in ("train", "test"):
+        raise ValueError(f"ucf101 has splits train and test, not {split!r}")
+    if split_id not in (1, 2, 3):
+        raise ValueError(f"--split-id {split_id}: UCF-101 has splits 1, 2, 3")
+    ann = _annotation_dir(root, annotations)
+    classes = read_class_index(str(ann / "classInd.txt"))
+    lookup = _lookup(classes, str(ann / "classInd.txt"))
+    list_file = ann / f"{split}list0{split_id}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"{list_file}: split list missing")
+    walk_skipped: list[dict] = []
+    on_disk = {p.relative_to(root).as_posix().lower(): p for p in walk_files(root, VIDEO_EXTENSIONS, walk_skipped)}
+    refused = {s["source"].lower(): s for s in walk_skipped}
+    items, skipped = [], []
+    for line in list_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        rel = line.split()[0].replace("\\", "/")
+        cls = rel.split("/")[0]
+        if rel.lower() in refused:
+            skipped.append(refused[rel.lower()])
+        elif cls.lower() not in lookup:
+            skipped.append({"source": rel, "reason": f"class {cls!r} not in classInd.txt"})
+        elif rel.lower() not in on_disk:
+            skipped.append({"source": rel, "reason": f"listed in {list_file.name}, not found under {root}"})
+        else:
+            items.append(Item(strip_suffix(rel), str(on_disk[rel.lower()]), lookup[cls.lower()], rel))
+    items.sort(key=lambda it: it.source)
+    return Source(items, classes, 3, [frames, resolution, resolution],
+                  VideoDecoder(resolution, frames, frame_stride), skipped,
+                  {"resolution": resolution, "frames": frames, "frame_stride": frame_stride,
+                   "split_id": split_id})
+
+
+# ---------------------------------------------------------------------------------------------
+
+def digits(split="train", **_) -> Source:
+    """scikit-learn's 8x8 digits (1797 images, 17 grey levels). Every 10th image is `val`, the rest `train`."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     if split not in ("train", "val"):
         raise ValueError(f"digits has splits train and val, not {split!r}")
     keep = [i for i in range(len(data.images)) if (i % 10 == 0) == (split == "val")]
-    images = torch.from_numpy(data.images.astype(np.float32) / 16.0)
-
-    def item(i: int) -> Item:
-        return Item(f"digits_{i:05d}", lambda: images[i][None], int(data.target[i]), f"digits[{i}]")
-
-    return Source([item(i) for i in keep], [str(c) for c in range(10)], 1, [8, 8])
+    images = (data.images.astype(np.float32) / 16.0)[keep]
+    items = [Item(f"digits_{i:05d}", j, int(data.target[i]), f"digits[{i}]") for j, i in enumerate(keep)]
+    return Source(items, [str(c) for c in range(10)], 1, [8, 8], ArrayDecoder(images))
 
 
-SOURCES = {"digits": digits}
+SOURCES = {"digits": digits, "folder": folder, "imagenet": imagenet, "ucf101": ucf101}

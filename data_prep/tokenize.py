@@ -1,6 +1,16 @@
-"""Tokenize a dataset into WebDataset shards + manifest.json.
+"""Tokenize a dataset into WebDataset shards + manifest.json, on one machine or as a Slurm array.
 
     python data_prep/tokenize.py --source digits --tokenizer pixels --out shards/digits
+    python data_prep/tokenize.py --source imagenet --input /data/imagenet/train --resolution 256 \\
+        --tokenizer sd-vae --tokenizer-path stabilityai/sd-vae-ft-ema --out /data/shards/in256-sdvae
+    python data_prep/tokenize.py --source ucf101 --input /data/UCF-101 --split train --split-id 1 \\
+        --resolution 128 --frames 16 --tokenizer vq --tokenizer-path /models/vq --out /data/shards/ucf
+
+Work splits over ranks: rank R of --world-size W (defaults: Slurm array task id minus the array's
+first id, and the task count) takes its slice of the sorted input list, writes its own shard range
+and manifest.{split}.rankRRRRR.json; `--merge --out DIR` then joins them into manifest.json (with
+W = 1 that happens at once). A rerun skips shards already complete. Inputs that cannot be read are
+listed with the reason in the manifest's `skipped`; the run still exits 0.
 """
 from __future__ import annotations
 
@@ -14,76 +24,205 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data_prep.sources import SOURCES  # noqa: E402
-from elt_scale.data.shards import FORMAT, ShardWriter, write_manifest  # noqa: E402
-from elt_scale.tokenizers import build_tokenizer  # noqa: E402
+from data_prep.plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
+                            rank_manifest_path, split_entry)
+from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
+from elt_scale.data.shards import FORMAT, ShardFile, write_json  # noqa: E402
+from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
+
+# settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)
+SAMPLE_SETTINGS = ("source", "tokenizer", "tokenizer_path", "tokenizer_subfolder", "vae_class", "pixel_mode",
+                   "levels", "latent_sample", "precision", "resolution", "frames", "frame_stride", "flip",
+                   "samples_per_shard", "seed", "class_index")
+# ... plus what decides which items a split holds and how they are cut into shards (split_hash)
+SPLIT_SETTINGS = ("split", "input", "labels", "split_id", "annotations", "world_size")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset reader")
+    p.add_argument("--source", choices=sorted(SOURCES), help="dataset reader (see data_prep/sources.py)")
     p.add_argument("--input", default=None, help="dataset root (not needed for digits)")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    p.add_argument("--split", default="train", help="train | val | test")
-    p.add_argument("--tokenizer", default="pixels", help="pixels")
-    p.add_argument("--pixel-mode", default="quantized", choices=["quantized", "identity"],
+    p.add_argument("--split", default="train", help="train | val | test (ucf101: train | test)")
+    g = p.add_argument_group("sources")
+    g.add_argument("--resolution", type=int, default=256, help="side of the centre-cropped square (pixels)")
+    g.add_argument("--flip", action="store_true", help="also write a horizontally flipped copy of each input")
+    g.add_argument("--labels", default=None, help="imagenet flat val layout: lines `FILE SYNSET` or `FILE LABEL`")
+    g.add_argument("--class-index", default=None,
+                   help="class order file, one class per line (default: sorted folder names; for ImageNet "
+                        "the sorted synset ids are the standard 1000-class order)")
+    g.add_argument("--split-id", type=int, default=1, help="ucf101: which official split, 1..3")
+    g.add_argument("--annotations", default=None, help="ucf101: folder with classInd.txt and the split lists")
+    g.add_argument("--frames", type=int, default=16, help="video: frames per clip")
+    g.add_argument("--frame-stride", type=int, default=1, help="video: take every S-th frame")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", default="pixels", choices=sorted(REGISTRY),
+                   help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | video-vae (3D VAE, e.g. Wan); "
+                        "image tokenizers run per frame on video")
+    g.add_argument("--tokenizer-path", default=None, help="local directory or hub id (recorded in the manifest)")
+    g.add_argument("--tokenizer-subfolder", default=None, help="subfolder inside --tokenizer-path, e.g. vae")
+    g.add_argument("--vae-class", default="AutoencoderKLWan", help="video-vae: the diffusers class to load")
+    g.add_argument("--latent-sample", action="store_true",
+                   help="sd-vae/video-vae: store a posterior sample (seeded per sample key) instead of the mean")
+    g.add_argument("--pixel-mode", default="quantized", choices=["quantized", "identity"],
                    help="pixels tokenizer: integer grey levels (masked models) or [-1, 1] floats (diffusion)")
-    p.add_argument("--levels", type=int, default=17, help="grey levels of the pixels tokenizer")
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    return p.parse_args(argv)
+    g.add_argument("--levels", type=int, default=17, help="grey levels of the pixels tokenizer")
+    g.add_argument("--device", default="auto", help="cuda | cpu | auto")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="model compute precision; auto = bf16 on GPUs that support it, else fp32")
+    g.add_argument("--seed", type=int, default=0, help="for --latent-sample noise")
+    g = p.add_argument_group("work")
+    g.add_argument("--samples-per-shard", type=int, default=256, help="input items per shard (1000+ for ImageNet)")
+    g.add_argument("--batch-size", type=int, default=64, help="tokenizer batch")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes decoding inputs (0 = in the main process)")
+    rank, world = rank_from_env()
+    g.add_argument("--rank", type=int, default=rank, help="this rank (default from SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--world-size", type=int, default=world, help="ranks in all (default SLURM_ARRAY_TASK_COUNT)")
+    g.add_argument("--merge", action="store_true", help="only join finished ranks' manifests into manifest.json")
+    args = p.parse_args(argv)
+    if not args.merge and not args.source:
+        p.error("--source is required (unless --merge)")
+    return args
 
 
-def config_hash(args) -> str:
-    keep = {k: v for k, v in vars(args).items() if k not in ("out", "batch_size")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+def settings_hash(args, names) -> str:
+    keep = {k: getattr(args, k) for k in names}
+    return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:16]
+
+
+def key_seed(key: str, seed: int) -> int:
+    return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:15], 16)
+
+
+class Decoded(Dataset):
+    """Decodes items in DataLoader workers; a failure comes back as a reason, not an exception."""
+
+    def __init__(self, items, decode, expect_shape):
+        self.items, self.decode, self.expect_shape = items, decode, tuple(expect_shape)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            x = self.decode(item.ref, item.flip)
+            if tuple(x.shape) != self.expect_shape:
+                raise ValueError(f"decoded to shape {tuple(x.shape)}, expected {self.expect_shape}")
+            return i, x, None
+        except Exception as e:  # noqa: BLE001 - any unreadable input is listed, never fatal
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def build(args, source):
+    per_frame = len(source.grid) == 3 and args.tokenizer not in ("pixels", "video-vae")
+    kwargs = dict(per_frame=per_frame, device=args.device, precision=args.precision,
+                  latent_sample=args.latent_sample, subfolder=args.tokenizer_subfolder)
+    if args.tokenizer == "pixels":
+        kwargs = dict(mode=args.pixel_mode, levels=args.levels)
+    elif args.tokenizer == "video-vae":
+        kwargs.update(vae_class=args.vae_class)
+    if args.tokenizer != "pixels":
+        kwargs["path"] = args.tokenizer_path
+    tok = build_tokenizer(args.tokenizer, **kwargs)
+    return tok, tok.output_shape(source.channels, source.grid)
+
+
+def write_shards(args, out: Path, source, tok, pending, expects: dict) -> tuple[int, int]:
+    """Decode + encode the items of `pending` shards and write them; returns (samples, skipped)."""
+    flat = [(s, i) for s in pending for i in range(s.start, s.end)]
+    data = Decoded([source.items[i] for _, i in flat], source.decode, [source.channels] + source.grid)
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, collate_fn=list)
+    written = skipped = 0
+    shard, counts, bad = None, Counter(), []
+    bar = tqdm(total=len(flat), unit="file", desc=f"tokenize {args.source}/{args.split} rank {args.rank}")
+    try:
+        for batch in loader:
+            good = [(i, x) for i, x, err in batch if err is None]
+            codes = {}
+            if good:
+                seeds = [key_seed(source.items[flat[i][1]].key, args.seed) for i, _ in good]
+                z = tok.encode(torch.stack([x for _, x in good]), seeds).cpu().numpy().astype(tok.dtype)
+                codes = {i: zi for (i, _), zi in zip(good, z)}
+            for i, _, err in batch:
+                plan, idx = flat[i]
+                item = source.items[idx]
+                if shard is None:
+                    shard, counts, bad = ShardFile(out, args.split, plan.index), Counter(), []
+                if err is None:
+                    shard.write(item.key, codes[i], item.label, item.source)
+                    counts[item.label] += 1
+                else:
+                    bad.append({"source": item.source, "reason": err, "split": args.split})
+                if idx == plan.end - 1:            # last item of this shard: make it whole
+                    shard.commit({**expects[plan.index], "num_samples": shard.count, "skipped": bad,
+                                  "class_counts": {str(k): v for k, v in sorted(counts.items())},
+                                  "first": source.items[plan.start].key, "last": item.key})
+                    written, skipped, shard = written + shard.count, skipped + len(bad), None
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if shard is not None:                      # interrupted: no half shard ever looks complete
+            shard.abort()
+    return written, skipped
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    source = SOURCES[args.source](split=args.split, input=args.input)
-    tok = build_tokenizer(args.tokenizer, mode=args.pixel_mode, levels=args.levels)
-    shape = tok.output_shape(source.channels, source.grid)
-    counts, skipped = Counter(), []
+    out = Path(args.out)
+    if args.merge:
+        splits = merge_ranks(out, None)
+        print(f"merged rank manifests of split(s) {', '.join(splits)} into {out / 'manifest.json'}")
+        return 0
     start = time.time()
-    with ShardWriter(args.out, args.split, args.samples_per_shard) as writer, \
-            tqdm(total=len(source.items), unit="file", desc=f"tokenize {args.source}/{args.split}") as bar:
-        for i in range(0, len(source.items), args.batch_size):
-            batch, images = [], []
-            for item in source.items[i:i + args.batch_size]:
-                try:
-                    images.append(item.load())
-                    batch.append(item)
-                except Exception as e:  # an unreadable input is listed, never fatal
-                    skipped.append({"source": item.source, "reason": f"{type(e).__name__}: {e}"})
-            if batch:
-                codes = tok.encode(torch.stack(images)).cpu().numpy()
-                for item, z in zip(batch, codes):
-                    writer.write(item.key, z, item.label, item.source)
-                    counts[item.label] += 1
-            bar.update(len(source.items[i:i + args.batch_size]))
+    source = SOURCES[args.source](**vars(args))
+    items = add_flips(source.items) if args.flip else source.items
+    assign_keys(items)
+    source.items = items
+    tok, shape = build(args, source)
+    shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
+    split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS)
+
+    def expect(s):
+        return {"split_hash": split_hash, "items": s.end - s.start, "first_key": items[s.start].key}
+    done = {s.index: finished(out, args.split, s, expect(s)) for s in shards}
+    pending = [s for s in shards if done[s.index] is None]
+    expects = {s.index: expect(s) for s in pending}
+    written, _ = write_shards(args, out, source, tok, pending, expects)
+    sidecars = [(s.name(args.split), finished(out, args.split, s, expect(s))) for s in shards]
+    listing_skipped = [{**s, "split": args.split} for s in source.skipped] if args.rank == 0 else []
     manifest = {
         "format": FORMAT,
+        "source": {"name": args.source, **source.info},
         "tokenizer": tok.manifest_entry(),
-        "sample": {"kind": tok.kind, "shape": shape, "dtype": str(tok.dtype.__name__),
+        "sample": {"kind": tok.kind, "shape": shape, "dtype": tok.dtype.__name__,
                    "vocab_size": tok.vocab_size, "scaling_factor": tok.scaling_factor},
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
-        "splits": {args.split: {"num_samples": sum(counts.values()), "shards": writer.written,
-                                "class_counts": {str(k): v for k, v in sorted(counts.items())}}},
-        "config_hash": config_hash(args),
-        "skipped": skipped,
+        "splits": {args.split: split_entry(sidecars)},
+        "config_hash": settings_hash(args, SAMPLE_SETTINGS),
+        "split_hash": split_hash, "rank": args.rank, "world_size": args.world_size,
+        "skipped": listing_skipped + [s for _, side in sidecars for s in side["skipped"]],
     }
-    write_manifest(args.out, manifest)
-    print(f"wrote {sum(counts.values())} samples in {len(writer.written)} shards to {args.out} "
-          f"({len(skipped)} skipped) in {time.time() - start:.1f}s")
+    if args.world_size == 1:
+        fold_into_manifest(out, args.split, [manifest])
+        where = out / "manifest.json"
+    else:
+        where = rank_manifest_path(out, args.split, args.rank)
+        write_json(where, manifest)
+    entry = manifest["splits"][args.split]
+    print(f"{args.source}/{args.split} rank {args.rank}/{args.world_size}: {entry['num_samples']} samples in "
+          f"{len(entry['shards'])} shards ({len(shards) - len(pending)} already done, {written} new samples), "
+          f"{len(manifest['skipped'])} skipped -> {where} in {time.time() - start:.1f}s")
     return 0
 
 

@@ -44,6 +44,43 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+class ShardFile:
+    """One shard, written to `{name}.tmp` and renamed when committed whole. A sidecar
+    `{name}.json` (the shard's own counts and skipped inputs) is renamed into place just before the
+    shard, so a shard that exists is always complete and described."""
+
+    def __init__(self, out_dir: str | Path, split: str, index: int):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / shard_name(split, index)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tar = wds.TarWriter(str(self.tmp), encoder=False)
+        self.count = 0
+
+    def write(self, key: str, array: np.ndarray, label: int, source: str | None = None) -> None:
+        sample = {"__key__": key, SAMPLE_MEMBER: encode_npy(array), LABEL_MEMBER: str(int(label)).encode()}
+        if source is not None:
+            sample["key.txt"] = source.encode("utf-8", "backslashreplace")
+        self._tar.write(sample)
+        self.count += 1
+
+    def commit(self, sidecar: dict | None = None) -> None:
+        self._tar.close()
+        if sidecar is not None:
+            write_json(sidecar_path(self.path), sidecar)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Failed mid-shard: drop the partial file, keep every complete shard."""
+        self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def sidecar_path(shard: str | Path) -> Path:
+    shard = Path(shard)
+    return shard.with_name(shard.name + ".json")
+
+
 class ShardWriter:
     """Writes samples into fixed-size shards `{split}-{index:06d}.tar` in `out_dir`, atomically.
 
@@ -52,36 +89,24 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int, start_index: int = 0):
         self.out_dir, self.split = Path(out_dir), split
         self.samples_per_shard, self.index = samples_per_shard, start_index
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.written: list[str] = []
-        self._tar = None
-        self._count = 0
-
-    def _open(self):
-        self._tmp = self.out_dir / (shard_name(self.split, self.index) + ".tmp")
-        self._tar = wds.TarWriter(str(self._tmp), encoder=False)
+        self._shard: ShardFile | None = None
 
     def write(self, key: str, array: np.ndarray, label: int, source: str | None = None) -> None:
-        if self._tar is None:
-            self._open()
-        sample = {"__key__": key, SAMPLE_MEMBER: encode_npy(array), LABEL_MEMBER: str(int(label)).encode()}
-        if source is not None:
-            sample["key.txt"] = source.encode("utf-8", "backslashreplace")
-        self._tar.write(sample)
-        self._count += 1
-        if self._count == self.samples_per_shard:
+        if self._shard is None:
+            self._shard = ShardFile(self.out_dir, self.split, self.index)
+        self._shard.write(key, array, label, source)
+        if self._shard.count == self.samples_per_shard:
             self._close()
 
     def _close(self):
-        self._tar.close()
-        final = self.out_dir / shard_name(self.split, self.index)
-        os.replace(self._tmp, final)
-        self.written.append(final.name)
-        self._tar, self._count = None, 0
+        self._shard.commit()
+        self.written.append(self._shard.path.name)
+        self._shard = None
         self.index += 1
 
     def close(self) -> None:
-        if self._tar is not None:
+        if self._shard is not None:
             self._close()
 
     def __enter__(self):
@@ -90,16 +115,20 @@ class ShardWriter:
     def __exit__(self, *exc):
         if exc[0] is None:
             self.close()
-        elif self._tar is not None:        # failed mid-shard: drop the partial file, keep complete ones
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+        elif self._shard is not None:
+            self._shard.abort()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(Path(out_dir) / MANIFEST, manifest)
 
 
 def read_manifest(shards: str | Path) -> dict:

@@ -1,21 +1,46 @@
 """Tokenizer registry: raw pixels in [0, 1] (B, C, [T,] H, W) <-> what the shards store.
 
-`pixels` needs no weights (tests and the demo); the learned tokenizers load through their owning
-library's `from_pretrained` and are imported only when asked for."""
+    pixels     no weights (tests and the demo): quantized grey levels (codes) or [-1, 1] (latents)
+    sd-vae     diffusers AutoencoderKL: latents x scaling_factor, fp16
+    vq         diffusers VQModel: int16 code grids
+    video-vae  a diffusers 3D KL autoencoder (AutoencoderKLWan by default)
+Image tokenizers run per frame on video (`per_frame=True`). Learned ones load through diffusers'
+`from_pretrained` (local dir or hub id) and are imported only when asked for."""
 from __future__ import annotations
 
 from .pixels import PixelTokenizer
 
-REGISTRY = {"pixels": PixelTokenizer}
+
+def _sd_vae(**kw):
+    from .sd_vae import SDVAETokenizer
+    return SDVAETokenizer(**kw)
 
 
-def build_tokenizer(name: str, **kwargs):
+def _vq(**kw):
+    from .vq import VQTokenizer
+    return VQTokenizer(**kw)
+
+
+def _video_vae(**kw):
+    from .video import VideoVAETokenizer
+    return VideoVAETokenizer(**kw)
+
+
+REGISTRY = {"pixels": PixelTokenizer, "sd-vae": _sd_vae, "vq": _vq, "video-vae": _video_vae}
+
+
+def build_tokenizer(name: str, per_frame: bool = False, **kwargs):
     if name not in REGISTRY:
         raise ValueError(f"unknown tokenizer {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**kwargs)
+    tok = REGISTRY[name](**kwargs)
+    if per_frame:
+        from .video import PerFrame
+        tok = PerFrame(tok)
+    return tok
 
 
 def tokenizer_from_manifest(manifest: dict, **overrides):
+    """The tokenizer that wrote these shards (e.g. `device="cuda"` as an override), for decoding."""
     info = dict(manifest["tokenizer"])
     name = info.pop("name")
     return build_tokenizer(name, **{**info, **overrides})

@@ -7,6 +7,7 @@ import torch
 
 class PixelTokenizer:
     name = "pixels"
+    video_native = True          # works on (B, C, T, H, W) as well
 
     def __init__(self, mode: str = "quantized", levels: int = 17, **_):
         if mode not in ("quantized", "identity"):
@@ -29,7 +30,7 @@ class PixelTokenizer:
         return [channels] + list(grid)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, seeds=None) -> torch.Tensor:
         """images (B, C, [T,] H, W) in [0, 1] -> codes (B, [T,] H, W) or latents (B, C, [T,] H, W)."""
         if self.mode == "quantized":
             return torch.round(images[:, 0].clamp(0, 1) * (self.levels - 1)).to(torch.int16)
