@@ -1,0 +1,103 @@
+"""Feature networks for FID/IS/FVD, loaded from local files only: elt-eval never downloads weights.
+
+Inception (FID, IS), either of the two standard files:
+  * NVIDIA's TorchScript `inception-2015-12-05.pt` (StyleGAN2-ADA/3 metrics): called on uint8 NCHW,
+    `return_features=True` -> 2048-d pool features, `no_output_bias=True` -> class probabilities;
+  * torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` state dict, through torchmetrics'
+    NoTrainInceptionV3 (needs `pip install torch-fidelity`, which pulls torchvision).
+I3D (FVD, the StyleGAN-V protocol): the TorchScript `i3d_torchscript.pt`, called on float videos
+(B, 3, T, H, W) in [-1, 1] with rescale=False, resize=True, return_features=True -> 400-d features.
+
+Any TorchScript file with the same call signature works, which is how the tests use tiny networks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+INCEPTION_HELP = ("pass --inception-weights PATH to a local file: NVIDIA's TorchScript inception-2015-12-05.pt "
+                  "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth. elt-eval never downloads "
+                  "weights, so this is required offline")
+I3D_HELP = ("pass --i3d-weights PATH to a local copy of StyleGAN-V's i3d_torchscript.pt. elt-eval never "
+            "downloads weights, so this is required offline")
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A metric needs a feature network whose weights were not given as a local file."""
+
+
+def _local_file(path, what: str, help_text: str) -> Path:
+    if path is None or str(path) == "":
+        raise MissingWeightsError(f"{what} needs network weights: {help_text}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingWeightsError(f"{what}: weights file {path} does not exist; {help_text}")
+    return path
+
+
+def _torchscript(path: Path) -> nn.Module | None:
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except RuntimeError:             # not a TorchScript archive
+        return None
+
+
+class ScriptedInception(nn.Module):
+    """TorchScript Inception -> 'features' (B, 2048) or 'logits' (B, 1008); uint8 NCHW input."""
+
+    def __init__(self, net: nn.Module, output: str):
+        super().__init__()
+        self.net, self.output = net, output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.output == "features":
+            return self.net(images, return_features=True).float()
+        probs = self.net(images, no_output_bias=True).float()
+        return probs.clamp_min(1e-12).log()            # torchmetrics' IS applies softmax to logits
+
+
+class FidelityInception(nn.Module):
+    """torch-fidelity's Inception state dict through torchmetrics (same network as TF FID)."""
+
+    def __init__(self, path: Path, output: str):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+            key = "2048" if output == "features" else "logits_unbiased"
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[key],
+                                          feature_extractor_weights_path=str(path))
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"{path} is a torch-fidelity state dict; reading it needs torch-fidelity "
+                                      f"(pip install 'elt-scale[eval]'), or use the TorchScript "
+                                      f"inception-2015-12-05.pt instead ({e})") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)[0].float().flatten(1)
+
+
+def load_inception(path, output: str = "features") -> nn.Module:
+    """Local Inception weights -> module mapping uint8 (B, 3, H, W) to features or logits."""
+    path = _local_file(path, "FID/IS", INCEPTION_HELP)
+    scripted = _torchscript(path)
+    module = ScriptedInception(scripted, output) if scripted is not None else FidelityInception(path, output)
+    return module.eval()
+
+
+class ScriptedI3D(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        """videos uint8 (B, T, H, W, 3) -> (B, 400) features (StyleGAN-V FVD protocol)."""
+        x = videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        return self.net(x, rescale=False, resize=True, return_features=True).float()
+
+
+def load_i3d(path) -> nn.Module:
+    path = _local_file(path, "FVD", I3D_HELP)
+    scripted = _torchscript(path)
+    if scripted is None:
+        raise ValueError(f"{path}: not a TorchScript archive; FVD expects StyleGAN-V's i3d_torchscript.pt")
+    return ScriptedI3D(scripted).eval()
