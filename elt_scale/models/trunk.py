@@ -23,9 +23,20 @@ class LoopedTrunk(nn.Module):
         self.checkpointing = checkpointing
         self._block = self.block      # replaced by the compiled block after compile_block()
 
-    def compile_block(self, **kwargs) -> None:
-        """torch.compile one loop of the block; every loop (and every exit) reuses the same graph."""
-        self._block = torch.compile(self.block, **kwargs)
+    def compile_block(self, scope: str = "layer", **kwargs) -> None:
+        """torch.compile the looped block; every loop (and every exit) reuses the same compiled code.
+
+        scope="layer" (default) compiles one TransformerLayer's forward in place and all N layers share
+        it (regional compilation: compile time of one layer, state_dict keys unchanged);
+        scope="block" traces the whole block of N layers into one graph (longer compile, may fuse
+        across layer boundaries). bench/train_throughput.py measures both."""
+        if scope == "layer":
+            for layer in self.layers:
+                layer.compile(**kwargs)
+        elif scope == "block":
+            self._block = torch.compile(self.block, **kwargs)
+        else:
+            raise ValueError(f"compile scope={scope!r}; allowed: layer, block")
 
     def block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """One loop: the N unique layers in order (the block g of the paper)."""

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The benchmark suite in one script, sized to end inside 8 minutes on one H100 (protocol: bench/RESULTS.md).
+#
+#   GPU machine, project root, ./.whl carried (bash ../shared/gpu/fetch_wheels.sh makes it):
+#       OUT=/path/to/results bash bench/gpu.sh
+#   any CPU, to check the whole script end to end with tiny models before spending GPU time:
+#       OUT=/tmp/gpu-smoke bash bench/gpu.sh --cpu
+#
+# Installs nothing but the carried wheels (into /tmp/site), then runs three phases, each under its own
+# time budget (cases that would start late are skipped and listed) and a hard `timeout`:
+#   1. training, ELT-L 8N×3L masked (d=1024, 257 tokens, batch 64, ZeRO-2 bf16): ILSD vs vanilla vs the
+#      24-unique-layer baseline, per-loop checkpointing, compile on/off, each fast path switched off once
+#   2. training, diffusion ELT 7N×4L (d=1152, 256 tokens, batch 64): compiled and eager, baseline
+#   3. sampling, both families, L = 1..L_max: eager, CUDA graphs, torch.compile, and the baseline
+# Writes $OUT/{train_masked,train_diffusion,sample}.json, $OUT/env.txt and $OUT/gpu.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+if [ "${1:-}" = "--cpu" ]; then
+  tiny=(--tiny)    # same cases and budgets as on the GPU, models shrunk to CPU size
+  steps=(--steps 2 --warmup 1)
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 || exit 1
+  tiny=()
+  steps=(--steps 8 --warmup 3)
+fi
+{ date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt"
+
+phase() {   # NAME HARD_LIMIT_S COMMAND...: run one phase, never longer than its limit
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s) =="
+  timeout -k 10 "$limit" "$@"
+  echo "== $name: exit $? after $((SECONDS - t0)) s =="
+}
+
+# Ordered most important first: the issue's targets (compiled ILSD step, ILSD/vanilla, checkpointing).
+phase train_masked 230 python3 bench/train_throughput.py --preset elt-l-masked "${tiny[@]}" "${steps[@]}" \
+  --cases ilsd:none:layer,vanilla:none:layer,ilsd:loop:layer,ilsd:none:off,vanilla:none:off,baseline:none:off,ilsd:loop:off,baseline:none:layer,ilsd:none:layer:no-fused-adamw,ilsd:none:layer:sdpa-math,ilsd:none:layer:no-overlap-comm,ilsd:none:off:fp32,ilsd:none:block \
+  --time-budget 200 --out "$OUT/train_masked.json"
+
+phase train_diffusion 120 python3 bench/train_throughput.py --preset elt-xl-diffusion "${tiny[@]}" "${steps[@]}" \
+  --cases ilsd:none:layer,ilsd:none:off,vanilla:none:layer,baseline:none:off,vanilla:none:off,baseline:none:layer \
+  --time-budget 95 --out "$OUT/train_diffusion.json"
+
+phase sample 120 python3 bench/sample_throughput.py "${tiny[@]}" \
+  --modes eager,cudagraphs,compile --baseline --warmup 2 --repeats 5 \
+  --time-budget 95 --out "$OUT/sample.json"
+
+echo "gpu.sh: done in $SECONDS s; results in $OUT"
