@@ -1,0 +1,289 @@
+"""data_prep/tokenize.py on tiny ImageNet- and UCF-101-shaped trees: messy inputs, skipped list, ranks,
+merge, resume after a crash or a kill."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import tokenize
+from data_prep.plan import plan_shards, rank_from_env
+from elt_scale.data.shards import decode_npy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tok(*args: str) -> int:
+    return tokenize.main([*args, "--workers", "0"])
+
+
+def read_samples(out: Path, split: str = "train") -> dict[str, tuple[int, np.ndarray, str]]:
+    """key -> (label, array, source) over the shards the manifest lists; fails on a duplicate key."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = {}
+    for name in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / name) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        for member in sorted(members):
+            key, ext = member.split(".", 1)
+            if ext == "cls":
+                assert key not in samples, f"duplicate key {key}"
+                samples[key] = (int(members[member]), decode_npy(members[f"{key}.input.npy"]),
+                                members[f"{key}.key.txt"].decode())
+    return samples
+
+
+def save_image(path: Path, size=(40, 30), mode="RGB", fmt="JPEG", seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path, fmt)
+
+
+def make_imagenet(root: Path) -> dict:
+    """train/nXXXXXXXX/*.JPEG with one CMYK, one greyscale, one PNG named .JPEG, one truncated file and a
+    README that is no image; val/ flat with a label file. Returns what a correct run must produce."""
+    synsets = ["n01000001", "n01000002", "n02000003"]
+    for c, syn in enumerate(synsets):
+        for i in range(3):
+            save_image(root / "train" / syn / f"{syn}_{i}.JPEG", size=(40 + 8 * i, 30), seed=10 * c + i)
+    save_image(root / "train" / synsets[0] / "cmyk.JPEG", mode="CMYK")
+    save_image(root / "train" / synsets[1] / "grey.JPEG", mode="L")
+    save_image(root / "train" / synsets[2] / "png_in_disguise.JPEG", fmt="PNG")
+    good = root / "train" / synsets[2] / f"{synsets[2]}_0.JPEG"
+    (root / "train" / synsets[2] / "truncated.JPEG").write_bytes(good.read_bytes()[:300])
+    (root / "train" / synsets[0] / "README.txt").write_text("not an image")
+    labels = []
+    for i, syn in enumerate(synsets * 2):
+        name = f"ILSVRC2012_val_{i:08d}"
+        save_image(root / "val" / f"{name}.JPEG", seed=100 + i)
+        labels.append(f"{name},{syn} 1 2 3 4")
+    save_image(root / "val" / "unlabelled.JPEG")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(labels) + "\n")
+    return {"synsets": synsets, "readable": 12, "unreadable": ["n02000003/truncated.JPEG"]}
+
+
+def write_avi(path: Path, frames=12, size=(32, 24), seed=0):
+    import av
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def make_ucf(root: Path) -> dict:
+    """UCF-101 layout; classInd says HandStandPushups where the folder says HandstandPushups (as in the
+    real archive); the train list names one clip that is missing and one that is corrupt."""
+    classes = ["ApplyEyeMakeup", "HandStandPushups", "YoYo"]
+    folders = ["ApplyEyeMakeup", "HandstandPushups", "YoYo"]
+    train, test = [], []
+    for c, (cls, folder) in enumerate(zip(classes, folders)):
+        for g in (1, 2):
+            rel = f"{folder}/v_{cls}_g{g:02d}_c01.avi"
+            write_avi(root / "UCF-101" / rel, seed=10 * c + g)
+            (train if g == 1 else test).append(rel)
+    (root / "UCF-101" / "YoYo" / "v_YoYo_g03_c01.avi").write_bytes(b"\x00not a video" * 50)
+    ann = root / "ucfTrainTestlist"
+    ann.mkdir()
+    (ann / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    lines = [f"{rel} {classes.index(next(c for c in classes if c.lower() == rel.split('/')[0].lower())) + 1}"
+             for rel in train]
+    lines += ["YoYo/v_YoYo_g03_c01.avi 3", "YoYo/v_YoYo_g09_c01.avi 3"]
+    (ann / "trainlist01.txt").write_text("\n".join(lines) + "\n")
+    (ann / "testlist01.txt").write_text("\n".join(test) + "\n")
+    return {"classes": classes, "train": train, "test": test}
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    return root, make_imagenet(root)
+
+
+@pytest.fixture(scope="module")
+def ucf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ucf")
+    return root, make_ucf(root)
+
+
+def test_imagenet_train_messy_inputs(imagenet, tmp_path):
+    root, truth = imagenet
+    out = tmp_path / "shards"
+    assert tok("--source", "imagenet", "--input", str(root / "train"), "--resolution", "16",
+               "--pixel-mode", "identity", "--samples-per-shard", "5", "--out", str(out)) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    samples = read_samples(out)
+    # every readable input is exactly one sample, the unreadable one is listed with a reason
+    assert len(samples) == m["splits"]["train"]["num_samples"] == truth["readable"]
+    assert [s["source"] for s in m["skipped"]] == truth["unreadable"]
+    assert "truncated" in m["skipped"][0]["reason"].lower() or "OSError" in m["skipped"][0]["reason"]
+    assert m["class_names"] == truth["synsets"] and m["num_classes"] == 3
+    assert m["sample"] == {"kind": "latents", "shape": [3, 16, 16], "dtype": "float16", "vocab_size": None,
+                           "scaling_factor": 1.0}
+    assert sum(m["splits"]["train"]["class_counts"].values()) == truth["readable"]
+    assert m["splits"]["train"]["shard_sizes"] == [5, 5, 2]   # 13 items in shards of 5; one unreadable
+    for key, (label, x, src) in samples.items():
+        assert src.split("/")[0] == truth["synsets"][label], key
+        assert x.shape == (3, 16, 16) and x.dtype == np.float16 and -1 <= x.min() and x.max() <= 1
+    grey = next(x for _, x, src in samples.values() if src.endswith("grey.JPEG"))
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+
+
+def test_flip_copies_are_mirror_images(imagenet, tmp_path):
+    root, truth = imagenet
+    out = tmp_path / "flip"
+    assert tok("--source", "folder", "--input", str(root / "train"), "--resolution", "16", "--flip",
+               "--pixel-mode", "identity", "--out", str(out)) == 0
+    samples = read_samples(out)
+    assert len(samples) == 2 * truth["readable"]
+    for key, (label, x, _) in samples.items():
+        if key.endswith("_flip"):
+            assert np.array_equal(samples[key[:-5]][1][..., ::-1], x) and samples[key[:-5]][0] == label
+
+
+def test_imagenet_val_layout_with_label_file(imagenet, tmp_path):
+    root, truth = imagenet
+    out = tmp_path / "val"
+    assert tok("--source", "imagenet", "--input", str(root / "val"), "--labels", str(root / "LOC_val_solution.csv"),
+               "--split", "val", "--resolution", "16", "--pixel-mode", "identity", "--out", str(out)) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    samples = read_samples(out, "val")
+    assert len(samples) == 6 and m["splits"]["val"]["class_counts"] == {"0": 2, "1": 2, "2": 2}
+    assert [s["source"] for s in m["skipped"]] == ["unlabelled.JPEG"]
+    for label, _, src in samples.values():
+        assert label == int(src.split("_")[-1].split(".")[0]) % 3
+
+
+def test_two_ranks_equal_one_rank_and_merge(imagenet, tmp_path, monkeypatch):
+    root, _ = imagenet
+    common = ["--source", "imagenet", "--input", str(root / "train"), "--resolution", "12",
+              "--pixel-mode", "identity", "--samples-per-shard", "2"]
+    assert tok(*common, "--out", str(tmp_path / "one")) == 0
+    for rank in (1, 0):
+        assert tok(*common, "--rank", str(rank), "--world-size", "2", "--out", str(tmp_path / "two")) == 0
+    assert not (tmp_path / "two" / "manifest.json").exists()
+    assert tokenize.main(["--merge", "--out", str(tmp_path / "two")]) == 0
+    one, two = read_samples(tmp_path / "one"), read_samples(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for k in one:
+        assert one[k][0] == two[k][0] and np.array_equal(one[k][1], two[k][1])
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert m1["splits"]["train"]["class_counts"] == m2["splits"]["train"]["class_counts"]
+    assert m1["skipped"] == m2["skipped"] and m1["config_hash"] == m2["config_hash"]
+    # a merge with a rank missing names it, and writes nothing
+    assert tok(*common, "--rank", "2", "--world-size", "3", "--out", str(tmp_path / "three")) == 0
+    with pytest.raises(RuntimeError, match=r"missing ranks \[0, 1\]"):
+        tokenize.main(["--merge", "--out", str(tmp_path / "three")])
+    assert not (tmp_path / "three" / "manifest.json").exists()
+
+
+def test_slurm_array_defaults_and_shard_ranges(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert rank_from_env() == (2, 4)
+    plans = [p for r in range(4) for p in plan_shards(23, 3, r, 4)]
+    assert [p.index for p in plans] == list(range(len(plans)))              # disjoint, contiguous ranges
+    assert [(p.start, p.end) for p in plans][:3] == [(0, 3), (3, 5), (5, 8)]
+    assert sorted(i for p in plans for i in range(p.start, p.end)) == list(range(23))
+
+
+def test_crash_mid_shard_then_rerun_completes_without_duplicates(tmp_path, monkeypatch):
+    out = tmp_path / "crash"
+    args = ["--source", "digits", "--split", "val", "--samples-per-shard", "30", "--batch-size", "10", "--out", str(out)]
+    from elt_scale.tokenizers.pixels import PixelTokenizer
+    real, calls = PixelTokenizer.encode, []
+
+    def failing(self, images, seeds=None):
+        calls.append(1)
+        if len(calls) == 7:            # batch 7 = items 60..69, inside the third shard
+            raise RuntimeError("simulated crash")
+        return real(self, images, seeds)
+    monkeypatch.setattr(PixelTokenizer, "encode", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tok(*args)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.setattr(PixelTokenizer, "encode", real)
+    assert tok(*args) == 0
+    samples = read_samples(out, "val")
+    assert len(samples) == 180 and json.loads((out / "manifest.json").read_text())["splits"]["val"][
+        "num_samples"] == 180
+
+
+def test_sigkill_mid_run_then_rerun(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", "digits", "--samples-per-shard", "50",
+           "--batch-size", "2", "--workers", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "train-000002.tar").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "run finished before it could be killed"
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(done_before)} already done" in r.stdout
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in done_before.items())   # kept, not rewritten
+    assert len(read_samples(out)) == 1617 and not list(out.glob("*.tmp"))
+
+
+def test_rerun_with_other_settings_refuses_to_mix(tmp_path):
+    out = tmp_path / "mixed"
+    assert tok("--source", "digits", "--split", "val", "--out", str(out)) == 0
+    with pytest.raises(RuntimeError, match="different input list or settings"):
+        tok("--source", "digits", "--split", "val", "--levels", "9", "--out", str(out))
+
+
+def test_ucf101_splits_case_mismatch_and_bad_clips(ucf, tmp_path):
+    root, truth = ucf
+    out = tmp_path / "ucf"
+    common = ["--source", "ucf101", "--input", str(root / "UCF-101"), "--resolution", "16", "--frames", "4",
+              "--frame-stride", "2", "--pixel-mode", "identity", "--out", str(out)]
+    assert tok(*common, "--split", "train") == 0
+    assert tok(*common, "--split", "test") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    train, test = read_samples(out, "train"), read_samples(out, "test")
+    assert m["class_names"] == truth["classes"]
+    assert sorted(s for _, _, s in train.values()) == sorted(truth["train"])
+    assert sorted(s for _, _, s in test.values()) == sorted(truth["test"])
+    for label, x, src in list(train.values()) + list(test.values()):
+        assert x.shape == (3, 4, 16, 16) and truth["classes"][label].lower() == src.split("/")[0].lower()
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"YoYo/v_YoYo_g03_c01.avi", "YoYo/v_YoYo_g09_c01.avi"}
+    assert "not found" in reasons["YoYo/v_YoYo_g09_c01.avi"]
+    assert m["splits"]["train"]["num_samples"] + len(reasons) == len(truth["train"]) + 2
+    assert m["source"]["frames"] == 4 and m["sample"]["shape"] == [3, 4, 16, 16]
+    # a clip too short for the frame window is skipped with the reason, not padded
+    assert tok(*common[:-1], str(tmp_path / "short"), "--frames", "8", "--split", "test") == 0
+    short = json.loads((tmp_path / "short" / "manifest.json").read_text())
+    assert short["splits"]["test"]["num_samples"] == 0 and "needs 15" in short["skipped"][0]["reason"]
+
+
+def test_cli_help_and_workers(imagenet, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tokenize.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "--world-size" in text and "--merge" in text and "SLURM_ARRAY_TASK_ID" in text
+    root, truth = imagenet
+    out = tmp_path / "workers"
+    assert tokenize.main(["--source", "folder", "--input", str(root / "train"), "--resolution", "8",
+                          "--pixel-mode", "identity", "--workers", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    assert len(read_samples(out)) == truth["readable"]
