@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Multi-node ELT training: one srun task per GPU, each a rank of `python -m elt_scale.train`.
+#
+#   sbatch slurm/train_large.sh RECIPE.yaml [key.sub=value ...]          (submit from the checkout)
+#   sbatch --nodes 16 slurm/train_large.sh recipes/imagenet256_masked_elt_xl_7x4.yaml
+#   ELT_DRY_RUN=1 sbatch slurm/train_large.sh RECIPE.yaml ...   print each node's exact commands, train nothing
+#   ELT_DRY_RUN=1 bash slurm/train_large.sh RECIPE.yaml ...     the same without a cluster (nodes node0..)
+#
+# Ranks: srun starts --ntasks-per-node tasks on every node (one per GPU); slurm/task_env.sh turns
+# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID into RANK/WORLD_SIZE/LOCAL_RANK. Rendezvous: the first host
+# of the allocation, on a port derived from the job id. Every rank is a direct child of Slurm, so a
+# signal from Slurm reaches every rank itself (no launcher in between that could die of it).
+#
+# Preemption: `--signal=USR1@300` (no B: prefix) sends USR1 to every process of the job *steps*, i.e.
+# to each rank, 5 minutes before the time limit; `scancel --signal=USR1 JOB` does the same by hand.
+# The trainer then checkpoints at the next step boundary and exits 75; this script requeues the job
+# (`scontrol requeue`), and the requeued job resumes from the checkpoint (train.resume=auto). The batch
+# shell is deliberately not signalled: it keeps waiting for srun and sees the exit code.
+#
+# Cluster settings (modules, venv, NCCL/GLOO interfaces, IB HCAs) live in an env file, not here:
+# $ELT_ENV_FILE, else slurm/env.sh if present (see slurm/env.example.sh).
+# Logs: slurm/logs/<job name>-<job id>.out (this script) and $ELT_LOG_DIR (default slurm/logs)/<job
+# name>-<job id>/node<i>-<host>.log (all ranks of the job's i-th node, lines prefixed with the rank);
+# a requeued run appends to both.
+#
+# Defaults a user edits in one place (or overrides on the sbatch command line):
+#SBATCH --job-name=elt-train
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+set -euo pipefail
+
+PREEMPT_EXIT_CODE=75   # elt_scale.engine.preemption.PREEMPT_EXIT_CODE
+
+if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
+  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+
+# sbatch runs a copy of this script from the spool directory: find the checkout from the submit dir.
+ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
+cd "$ROOT"
+if [ ! -f slurm/task_env.sh ]; then
+  echo "train_large.sh: submit from the elt-scale checkout (no slurm/task_env.sh in $ROOT)" >&2
+  exit 2
+fi
+if [ -n "${ELT_ENV_FILE:-}" ]; then
+  [ -f "$ELT_ENV_FILE" ] || { echo "train_large.sh: ELT_ENV_FILE=$ELT_ENV_FILE does not exist" >&2; exit 2; }
+  source "$ELT_ENV_FILE"
+elif [ -f slurm/env.sh ]; then
+  source slurm/env.sh
+fi
+DRY_RUN="${ELT_DRY_RUN:-0}"
+export ELT_DRY_RUN="$DRY_RUN"
+
+# Outside a job only a dry run makes sense: show it for a made-up allocation of 2 nodes.
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  [ "$DRY_RUN" = 1 ] || { echo "train_large.sh: not inside a Slurm job; use sbatch (or ELT_DRY_RUN=1)" >&2; exit 2; }
+  NODES=(node0 node1)
+  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-1}"
+  SLURM_JOB_ID=0 SLURM_JOB_NAME=elt-train
+else
+  mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-1}"
+fi
+
+export MASTER_ADDR="${NODES[0]}"
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # same job (and its requeues) -> same port
+LOG_DIR="${ELT_LOG_DIR:-slurm/logs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"
+TRAIN=(python -m elt_scale.train "$@")
+SRUN=(srun --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=0 --label
+      --output="$LOG_DIR/node%n-%N.log" --open-mode=append slurm/task_env.sh "${TRAIN[@]}")
+
+echo "train_large.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on ${#NODES[@]} nodes (${NODES[*]})," \
+     "$TASKS_PER_NODE ranks per node, rendezvous $MASTER_ADDR:$MASTER_PORT, logs in $LOG_DIR/"
+printf 'command:'; printf ' %q' "${SRUN[@]}"; printf '\n'
+
+if [ "$DRY_RUN" = 1 ]; then
+  if [ "$SLURM_JOB_ID" = 0 ]; then         # no cluster: run task_env.sh for every would-be task here
+    for node_rank in "${!NODES[@]}"; do
+      for ((local = 0; local < TASKS_PER_NODE; local++)); do
+        SLURMD_NODENAME="${NODES[$node_rank]}" SLURM_NODEID="$node_rank" SLURM_LOCALID="$local" \
+        SLURM_PROCID=$((node_rank * TASKS_PER_NODE + local)) SLURM_NTASKS=$((${#NODES[@]} * TASKS_PER_NODE)) \
+          slurm/task_env.sh "${TRAIN[@]}"
+      done
+    done
+  else                                     # every task prints its own line from its own node
+    srun --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=0 slurm/task_env.sh "${TRAIN[@]}" | sort
+  fi
+  exit 0
+fi
+
+mkdir -p "$LOG_DIR"
+set +e
+"${SRUN[@]}"
+rc=$?
+set -e
+if [ "$rc" -eq "$PREEMPT_EXIT_CODE" ]; then
+  echo "train_large.sh: training saved a checkpoint and exited $rc (preempted); requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"     # ends this run; the job comes back PENDING and resumes
+  exit 0
+fi
+echo "train_large.sh: training exited $rc"
+exit "$rc"

@@ -1,0 +1,159 @@
+"""The real sbatch scripts on a real two-node Slurm cluster (tests/slurm_cluster.py), CPU and gloo."""
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics
+from tests.slurm_cluster import LocalSlurm, missing_slurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(missing_slurm() is not None, reason=str(missing_slurm()))]
+
+# A tiny masked model: 2 ranks on 2 nodes must finish quickly on 2 shared cores.
+TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.save_every=0", "train.warmup_steps=2")
+CPU_JOB = ("--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+@pytest.fixture
+def job_env(tmp_path):
+    """The env file the scripts source (this venv) and a log folder outside the checkout."""
+    env_file = tmp_path / "env.sh"
+    env_file.write_text(f"source {Path(sys.prefix) / 'bin' / 'activate'}\nexport GLOO_SOCKET_IFNAME=lo\n")
+    return {"ELT_ENV_FILE": str(env_file), "ELT_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "disabled"}
+
+
+def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train"):
+    out = tmp_path / "batch-%j.out"
+    job = cluster.sbatch("slurm/train_large.sh", str(ROOT / "recipes" / "digits_masked.yaml"), *TINY, *overrides,
+                         sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}"], env=job_env, cwd=ROOT)
+    return job, Path(str(out).replace("%j", str(job)))
+
+
+def node_logs(job_env, name, job) -> dict[str, str]:
+    d = Path(job_env["ELT_LOG_DIR"]) / f"{name}-{job}"
+    return {p.stem: p.read_text() for p in sorted(d.glob("*.log"))}
+
+
+def explain(cluster, batch_log: Path, job_env, name, job) -> str:
+    logs = node_logs(job_env, name, job)
+    text = batch_log.read_text() if batch_log.exists() else "(no batch log)"
+    return "\n".join([f"== batch\n{text[-3000:]}", *(f"== {n}\n{t[-3000:]}" for n, t in logs.items()),
+                      cluster.logs()])
+
+
+def test_cluster_runs_a_job_on_both_nodes(cluster, tmp_path):
+    script = tmp_path / "hosts.sh"
+    script.write_text('#!/bin/bash\nscontrol show hostnames "$SLURM_JOB_NODELIST"\nsrun --label printenv SLURMD_NODENAME\n')
+    job = cluster.sbatch(str(script), sbatch_args=["-N2", "--ntasks-per-node=1", f"--output={tmp_path}/out.txt"])
+    info = cluster.wait(job, timeout=60)
+    assert info["JobState"] == "COMPLETED", cluster.logs()
+    lines = (tmp_path / "out.txt").read_text().split()
+    assert lines[:2] == ["n1", "n2"]                             # scontrol show hostnames
+    assert sorted(zip(lines[2::2], lines[3::2])) == [("0:", "n1"), ("1:", "n2")]   # one task on each node
+
+
+def test_dry_run_prints_each_rank_and_quotes_arguments(tmp_path):
+    """No cluster needed: the command each rank would run, with hostile arguments kept inert."""
+    marker = tmp_path / "pwned"
+    evil = [f"$(touch {marker})", f"; touch {marker}", "`id`", "run.name=a b"]
+    r = subprocess.run(["bash", "slurm/train_large.sh", "recipes/digits_masked.yaml", *evil], cwd=ROOT,
+                       env=dict(os.environ, ELT_DRY_RUN="1", SLURM_NTASKS_PER_NODE="2"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ranks = [line for line in r.stdout.splitlines() if line.startswith("dry-run ")]
+    assert len(ranks) == 4                                       # 2 nodes x 2 tasks
+    for rank, line in enumerate(ranks):
+        assert f"RANK={rank} WORLD_SIZE=4 LOCAL_RANK={rank % 2} NODE_RANK={rank // 2}" in line
+        assert "MASTER_ADDR=node0 MASTER_PORT=20000" in line
+        argv = shlex.split(line.split(": ", 1)[1])
+        assert argv[-len(evil) - 4:] == ["python", "-m", "elt_scale.train", "recipes/digits_masked.yaml", *evil]
+    assert not marker.exists()
+
+
+def test_two_nodes_train_to_completion(cluster, tmp_path, job_env, digits_shards):
+    steps = 12
+    job, batch_log = submit_train(cluster, tmp_path, job_env, f"train.steps={steps}", f"data.shards={digits_shards}",
+                                  f"run.out_dir={tmp_path}")
+    info = cluster.wait(job, timeout=240)
+    why = explain(cluster, batch_log, job_env, "elt-train", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
+    rows = read_metrics(tmp_path / "digits_masked")
+    assert [row["step"] for row in rows] == list(range(1, steps + 1)), why
+    assert all(row["world_size"] == 2 for row in rows)
+    logs = node_logs(job_env, "elt-train", job)
+    host = socket.gethostname().split(".")[0]                   # both nodes are this host
+    assert set(logs) == {f"node0-{host}", f"node1-{host}"}, why   # one log per node, one rank on each
+    first, second = logs[f"node0-{host}"], logs[f"node1-{host}"]
+    assert "world 2" in first and re.search(r"^0: ", first, re.M) and re.search(r"^1: ", second, re.M), why
+    assert "rendezvous n1:" in batch_log.read_text()
+
+
+def test_preempted_run_requeues_and_resumes_without_repeating_steps(cluster, tmp_path, job_env, digits_shards):
+    """scancel --signal=USR1 reaches every rank (as --signal=USR1@T would): checkpoint, exit 75, requeue."""
+    steps = 60
+    run = tmp_path / "digits_masked"
+    job, batch_log = submit_train(cluster, tmp_path, job_env, f"train.steps={steps}", f"data.shards={digits_shards}",
+                                  f"run.out_dir={tmp_path}", name="elt-preempt")
+    # Signal only once training is under way: before the trainer installs its handler USR1 would kill it.
+    deadline = time.time() + 180
+    while not ((run / "metrics.jsonl").exists() and read_metrics(run)):
+        assert time.time() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            explain(cluster, batch_log, job_env, "elt-preempt", job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, check=True, timeout=30)
+    info = cluster.wait(job, timeout=240)
+    why = explain(cluster, batch_log, job_env, "elt-preempt", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
+    assert info["Restarts"] == "1", why
+    batch = batch_log.read_text()
+    assert "requeueing job" in batch and "restart 1 on 2 nodes" in batch, why
+    rank0 = node_logs(job_env, "elt-preempt", job)[f"node0-{socket.gethostname().split('.')[0]}"]
+    starts = [int(s) for s in re.findall(rf"steps (\d+)→{steps}", rank0)]
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < steps, why   # the second run resumed
+    rows = read_metrics(run)
+    assert [row["step"] for row in rows] == list(range(1, steps + 1)), why     # every step once, none twice
+    assert all(row["world_size"] == 2 for row in rows)
+
+
+def shard_members(out: Path) -> dict[str, bytes]:
+    members = {}
+    for tar in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                assert m.name not in members, f"{m.name} in two shards"
+                members[m.name] = t.extractfile(m).read()
+    return members
+
+
+def test_tokenize_array_equals_one_task_run(cluster, tmp_path, job_env):
+    args = ("--source", "digits", "--workers", "0", "--samples-per-shard", "300")
+    one, two = tmp_path / "one", tmp_path / "two"
+    sb = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+    single = cluster.sbatch("slurm/tokenize.sh", *args, "--out", str(one), env=job_env, cwd=ROOT,
+                            sbatch_args=[*sb, f"--output={tmp_path}/single.out"])
+    array = cluster.sbatch("slurm/tokenize.sh", *args, "--out", str(two), env=job_env, cwd=ROOT,
+                           sbatch_args=[*sb, "--array=3-4", f"--output={tmp_path}/array-%a.out"])
+    logs = lambda: "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.rglob("*.out")))  # noqa: E731
+    assert cluster.wait(single, timeout=120)["JobState"] == "COMPLETED", logs()
+    cluster._wait_for(lambda: not cluster._out(["squeue", "-h"]).strip(), "array and merge jobs", timeout=120)
+    merge_log = Path(job_env["ELT_LOG_DIR"]) / f"elt-tokenize-{array}_merge.out"
+    assert merge_log.exists() and "merged rank manifests" in merge_log.read_text(), logs()
+    assert sorted(two.glob("manifest.*.rank*.json")) and (two / "manifest.json").exists(), logs()
+    a, b = shard_members(one), shard_members(two)
+    assert len(a) == 3 * json.loads((one / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)      # same samples, byte for byte
+    m1, m2 = (json.loads((d / "manifest.json").read_text())["splits"]["train"] for d in (one, two))
+    assert m1["num_samples"] == m2["num_samples"] and m1["class_counts"] == m2["class_counts"]
