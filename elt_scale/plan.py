@@ -1,0 +1,271 @@
+"""elt-plan: what a recipe costs before the cluster is booked.
+
+    elt-plan RECIPE.yaml --gpus 64 --gpu-mem 80 [--mfu 0.4] [--peak-tflops 989] [key.sub=value ...]
+
+Prints unique and effective parameters, FLOPs per sample at each loop count, the per-GPU memory for
+every ZeRO stage × activation-checkpointing policy at the recipe's micro-batch, the largest micro-batch
+that fits, and the GPU-hours of the recipe's steps at the given MFU. `--json` prints the same as JSON.
+
+The memory model (bytes per GPU, Ψ = unique parameters, W = data-parallel ranks):
+
+  weights / grads / optimizer   2Ψ / 2Ψ / 12Ψ in bf16 mixed precision (fp32 master + Adam m, v),
+                                4Ψ / 4Ψ / 8Ψ in fp32; ZeRO-1 shards the optimizer over W, ZeRO-2 also the
+                                grads, ZeRO-3 also the weights (plus one gathered layer as working set).
+  activations                   what autograd keeps for backward, from this repo's own layers
+                                (pre-norm attention + GELU MLP, flash/memory-efficient SDPA: no n² scores):
+                                per layer (8 + 2·r)·n·d elements, (12 + 2·r) with adaLN, plus fp32
+                                softmax statistics per head and LayerNorm statistics.
+                                none   keeps every layer's internals for all N×L layer applications;
+                                loop   keeps the L loop-boundary states, plus one loop's internals
+                                       (N layers) while that loop is recomputed in backward;
+                                layer  keeps the N×L layer inputs, plus one layer's internals.
+                                The readout (head + loss, both ILSD exits) is always kept.
+
+tests/test_plan.py checks each part against the bytes a small model really holds (saved-tensor hooks,
+parameter/gradient/Adam-state sizes); bench/plan_gpu.py compares the total with CUDA peak memory.
+Not modelled: CUDA context, NCCL buffers and allocator fragmentation (`--headroom`, default 10% of the
+GPU), and transient buffers of the optimizer step and of ZeRO's communication buckets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .config import RecipeError, load_recipe
+from .models import build_model
+from .models.flops import forward_flops, sequence_length, train_flops_per_sample
+
+GiB = 2**30
+POLICIES = ("none", "loop", "layer")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight: int        # bytes per parameter held by the model
+    grad: int          # bytes per gradient element
+    optimizer: int     # bytes of optimizer state per parameter (master copy + Adam m, v)
+    act: int           # bytes per activation element
+
+
+PRECISIONS = {"bf16": Precision(2, 2, 12, 2), "fp32": Precision(4, 4, 8, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+def parameter_counts(recipe) -> dict:
+    """Unique parameters (built on the meta device: no memory, no init cost), the trunk's share, and the
+    effective count of the unrolled network (trunk × L_max + everything else)."""
+    with torch.device("meta"):
+        model = build_model(recipe)
+    unique = sum(p.numel() for p in model.parameters())
+    trunk = sum(p.numel() for p in model.trunk.parameters())
+    largest_layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.trunk.layers)
+    return {"unique": unique, "trunk": trunk, "effective": unique + trunk * (recipe.model.loops - 1),
+            "largest_layer": largest_layer}
+
+
+# ---------------------------------------------------------------------------------------------
+# activations (bytes for one micro-batch of b samples)
+
+def _adaln(m) -> bool:
+    return m.family == "diffusion"
+
+
+def layer_internals(m, b: int, p: int) -> float:
+    """Bytes one layer application saves for backward (one loop of one unique layer)."""
+    n, d, h = sequence_length(m), m.width, int(m.width * m.mlp_ratio)
+    # x, norm1 out, qkv (3), attention out, x after attention, norm2 out, fc1 out (h), gelu out (h);
+    # adaLN adds the two modulated inputs and the two gated branch outputs.
+    elements = (12 if _adaln(m) else 8) * n * d + 2 * n * h
+    stats = (m.heads + 4) * n * 4                        # fp32 logsumexp per head + 2 LayerNorms' mean/rstd
+    cond = 7 * d * p if _adaln(m) else 0                 # silu(cond) and the 6·d modulation vector
+    return b * (elements * p + stats + cond)
+
+
+def boundary_state(m, b: int, p: int) -> float:
+    """Bytes of one hidden state (B, n, d): what checkpointing keeps at each boundary."""
+    return b * sequence_length(m) * m.width * p
+
+
+def readout_bytes(m, b: int, p: int, ilsd: bool) -> float:
+    """Head and loss of the teacher exit, plus the student exit's head, GT and distillation terms."""
+    n, d = sequence_length(m), m.width
+    if m.family == "masked":
+        t = n - 1                                         # image tokens (the class token is dropped)
+        logp = t * m.vocab_size * 4                       # fp32 log-probabilities kept by the CE
+        teacher = n * d * p + t * d * p + logp + 2 * t * 4
+        student = t * d * p + logp + 2 * logp + 2 * t * 4   # norm out, GT, distill (log p_s and p_t)
+        embed = t * 8                                     # int64 token ids kept by the embedding
+    else:
+        pixels = m.channels * math.prod(m.grid)
+        loss = pixels * 4                                 # fp32 (pred - target) kept by each MSE
+        teacher = 3 * n * d * p + loss + 2 * n * 4 + 3 * d * p
+        student = 2 * n * d * p + 2 * loss + 2 * n * 4 + 3 * d * p
+        embed = pixels * p + (256 + 2 * d) * p            # patchify input, timestep features
+    return b * (teacher + (student if ilsd else 0) + embed)
+
+
+def activation_parts(recipe, b: int, policy: str, precision: Precision) -> dict:
+    """{'kept': bytes alive between forward and backward, 'recompute': bytes a checkpointed unit adds
+    while it is recomputed in backward}."""
+    m, p = recipe.model, precision.act
+    n_apps = m.unique_layers * m.loops
+    readout = readout_bytes(m, b, p, recipe.ilsd.enabled)
+    cond = b * m.width * p if _adaln(m) else 0            # the conditioning vector checkpoint keeps
+    if policy == "none":
+        return {"kept": n_apps * layer_internals(m, b, p) + readout, "recompute": 0.0}
+    if policy == "loop":
+        return {"kept": m.loops * boundary_state(m, b, p) + cond + readout,
+                "recompute": m.unique_layers * layer_internals(m, b, p)}
+    if policy == "layer":
+        return {"kept": n_apps * boundary_state(m, b, p) + cond + readout,
+                "recompute": layer_internals(m, b, p)}
+    raise ValueError(f"checkpointing policy {policy!r}; allowed: {', '.join(POLICIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model states under ZeRO
+
+def state_bytes(params: dict, zero_stage: int, world: int, precision: Precision) -> dict:
+    psi = params["unique"]
+    weights = psi * precision.weight
+    grads = psi * precision.grad
+    optimizer = psi * precision.optimizer
+    if zero_stage >= 1:
+        optimizer /= world
+    if zero_stage >= 2:
+        grads /= world
+    if zero_stage >= 3:   # sharded, but each layer is gathered whole while it runs
+        weights = weights / world + params["largest_layer"] * precision.weight
+    return {"weights": weights, "grads": grads, "optimizer": optimizer}
+
+
+def memory(recipe, params: dict, b: int, zero_stage: int, policy: str, world: int, precision: Precision) -> dict:
+    parts = state_bytes(params, zero_stage, world, precision)
+    act = activation_parts(recipe, b, policy, precision)
+    parts["activations"] = act["kept"] + act["recompute"]
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def largest_micro_batch(recipe, params, zero_stage, policy, world, precision, budget: float) -> int:
+    """Activations grow linearly in the micro-batch: solve fixed + b·per_sample <= budget."""
+    fixed = memory(recipe, params, 0, zero_stage, policy, world, precision)["total"]
+    per_sample = memory(recipe, params, 1, zero_stage, policy, world, precision)["total"] - fixed
+    return max(0, int((budget - fixed) // per_sample))
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+def global_batch_for(recipe, gpus: int) -> int:
+    t = recipe.train
+    return t.global_batch or t.micro_batch * t.grad_accum * gpus
+
+
+def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflops: float = 989.0,
+              precision: str = "bf16", headroom: float = 0.10) -> dict:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu {mfu}: must be in (0, 1]")
+    prec = PRECISIONS[precision]
+    m, t = recipe.model, recipe.train
+    params = parameter_counts(recipe)
+    budget = gpu_mem_gib * GiB * (1 - headroom)
+    rows = []
+    for stage in ZERO_STAGES:
+        for policy in POLICIES:
+            mem = memory(recipe, params, t.micro_batch, stage, policy, gpus, prec)
+            rows.append({"zero_stage": stage, "checkpointing": policy,
+                         **{k: v / GiB for k, v in mem.items()},
+                         "fits": mem["total"] <= budget,
+                         "max_micro_batch": largest_micro_batch(recipe, params, stage, policy, gpus, prec, budget)})
+    gb = global_batch_for(recipe, gpus)
+    total_flops = t.steps * gb * train_flops_per_sample(recipe)
+    gpu_hours = total_flops / (peak_tflops * 1e12 * mfu) / 3600
+    return {
+        "recipe": recipe.run.name, "family": m.family, "shape": f"{m.unique_layers}N×{m.loops}L",
+        "tokens": sequence_length(m), "params": params,
+        "gflops_per_sample": {L: forward_flops(m, L) / 1e9 for L in range(1, m.loops + 2)},
+        "train_gflops_per_sample": train_flops_per_sample(recipe) / 1e9,
+        "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "usable_gib": budget / GiB, "precision": precision,
+        "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "global_batch": gb,
+        "batch_matches": t.micro_batch * t.grad_accum * gpus == gb,
+        "recipe_setting": {"zero_stage": recipe.deepspeed.zero_stage, "checkpointing": t.checkpointing},
+        "memory": rows,
+        "steps": t.steps, "mfu": mfu, "peak_tflops": peak_tflops,
+        "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# printing
+
+def format_plan(plan: dict) -> str:
+    p = plan["params"]
+    lines = [
+        f"{plan['recipe']}: {plan['family']} ELT {plan['shape']}, {plan['tokens']} tokens per sample",
+        f"  parameters: {p['unique'] / 1e6:.1f}M unique ({p['trunk'] / 1e6:.1f}M in the looped block), "
+        f"{p['effective'] / 1e6:.1f}M effective (unrolled)",
+        "  forward GFLOPs per sample: " + ", ".join(f"L={L}: {g:.2f}" for L, g in plan["gflops_per_sample"].items()),
+        f"  training step: {plan['train_gflops_per_sample']:.2f} GFLOPs per sample (fwd+bwd, ILSD exits)",
+        f"  cluster: {plan['gpus']} GPUs × {plan['gpu_mem_gib']:g} GiB ({plan['usable_gib']:.1f} GiB usable), "
+        f"{plan['precision']}, micro-batch {plan['micro_batch']} × accum {plan['grad_accum']} "
+        f"→ global batch {plan['global_batch']}"
+        + ("" if plan["batch_matches"] else "  (!= micro × accum × GPUs: adjust train.grad_accum)"),
+        "",
+        "  ZeRO ckpt   weights  grads  optim  activ  total GiB  fits  max micro-batch",
+    ]
+    chosen = plan["recipe_setting"]
+    for r in plan["memory"]:
+        mark = " ← recipe" if (r["zero_stage"], r["checkpointing"]) == (chosen["zero_stage"], chosen["checkpointing"]) else ""
+        lines.append(f"  {r['zero_stage']:>4} {r['checkpointing']:<6}{r['weights']:8.2f}{r['grads']:7.2f}"
+                     f"{r['optimizer']:7.2f}{r['activations']:7.2f}{r['total']:11.2f}  {'yes' if r['fits'] else 'NO ':<4}"
+                     f"  {r['max_micro_batch']:>6}{mark}")
+    lines += ["", f"  {plan['steps']} steps × {plan['global_batch']} samples at MFU {plan['mfu']:.0%} of "
+                  f"{plan['peak_tflops']:g} TFLOP/s: {plan['gpu_hours']:,.0f} GPU-hours "
+                  f"({plan['wall_hours']:,.1f} h on {plan['gpus']} GPUs)"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="elt-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch=64")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (nodes × GPUs per node)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-hours")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    p.add_argument("--headroom", type=float, default=0.10,
+                   help="fraction of GPU memory kept free for CUDA context, NCCL and fragmentation")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.gpus < 1 or args.gpu_mem <= 0 or not 0 <= args.headroom < 1:
+        print("elt-plan: --gpus >= 1, --gpu-mem > 0 and 0 <= --headroom < 1 are required", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        plan = make_plan(recipe, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.precision, args.headroom)
+    except (RecipeError, ValueError) as e:
+        print(f"elt-plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

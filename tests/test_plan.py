@@ -1,0 +1,178 @@
+"""elt-plan's memory model against the bytes small models really hold on CPU (fp32).
+
+Activations are counted with saved-tensor hooks: every tensor autograd keeps for backward, each storage
+once, parameters excluded. Non-reentrant checkpointing saves its inputs through the same hooks, so the
+'kept' part is measured the same way under every policy; the 'recompute' part is measured by running
+one checkpointed unit (a loop, or a layer) un-checkpointed under the hooks."""
+import json
+
+import pytest
+import torch
+
+from elt_scale.config import load_recipe
+from elt_scale.ilsd import ilsd_loss
+from elt_scale.models import build_model
+from elt_scale.objectives import build_objective
+from elt_scale.plan import main as plan_main
+from elt_scale.plan import GiB, PRECISIONS, activation_parts, make_plan, memory, parameter_counts, state_bytes
+
+from conftest import ROOT
+
+FP32 = PRECISIONS["fp32"]
+B = 8
+
+
+class SavedBytes:
+    """Sum of distinct storages autograd saves for backward inside the context, parameters excluded."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen = {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.params:
+            self.seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def small_recipe(family: str, policy: str, ilsd: bool = True, **model):
+    over = [f"train.checkpointing={policy}", f"ilsd.enabled={str(ilsd).lower()}", "model.unique_layers=2",
+            "model.loops=3"] + [f"model.{k}={v}" for k, v in model.items()]
+    return load_recipe(ROOT / "recipes" / f"digits_{family}.yaml", over)
+
+
+def batch(recipe):
+    g = torch.Generator().manual_seed(0)
+    m = recipe.model
+    if m.family == "masked":
+        x = torch.randint(0, m.vocab_size, (B, *m.grid), generator=g)
+    else:
+        x = torch.randn(B, m.channels, *m.grid, generator=g)
+    return x, torch.randint(0, m.num_classes, (B,), generator=g)
+
+
+def forward_loss(model, objective, recipe, x, labels):
+    prepared = objective.prepare(x, labels, torch.Generator().manual_seed(1))
+    L = recipe.model.loops
+    if recipe.ilsd.enabled:
+        student, teacher = model(*prepared.inputs, exits=(1, L))
+    else:
+        (teacher,), student = model(*prepared.inputs, exits=(L,)), None
+    return ilsd_loss(teacher, student, objective, prepared, 0.5)[0]
+
+
+def measure_recompute(model, recipe, policy):
+    """Bytes one checkpointed unit saves while it is recomputed: run it un-checkpointed under the hooks."""
+    trunk, m = model.trunk, recipe.model
+    n = model.seq_len + 1 if m.family == "masked" else model.pos_emb.shape[1]
+    x = torch.randn(B, n, m.width, requires_grad=True)
+    cond = torch.randn(B, m.width, requires_grad=True) if m.family == "diffusion" else None
+    trunk.checkpointing = "none"
+    try:
+        with SavedBytes(model) as saved:
+            trunk.block(x, cond) if policy == "loop" else trunk.layers[0](x, cond)
+    finally:
+        trunk.checkpointing = policy
+    return saved.total
+
+
+def within(estimate, measured, tol=0.10):
+    return abs(estimate - measured) <= tol * measured
+
+
+CASES = [("masked", True), ("masked", False), ("diffusion", True)]
+
+
+@pytest.mark.parametrize("family,ilsd", CASES)
+@pytest.mark.parametrize("policy", ["none", "loop", "layer"])
+def test_activation_estimate_matches_saved_tensors(family, ilsd, policy):
+    recipe = small_recipe(family, policy, ilsd)
+    torch.manual_seed(0)
+    model, objective = build_model(recipe), build_objective(recipe)
+    x, labels = batch(recipe)
+    with SavedBytes(model) as saved:
+        loss = forward_loss(model, objective, recipe, x, labels)
+    loss.backward()                                   # the graph was real: backward must still work
+    est = activation_parts(recipe, B, policy, FP32)
+    assert within(est["kept"], saved.total), (est["kept"], saved.total)
+    if policy != "none":
+        measured = measure_recompute(model, recipe, policy)
+        assert within(est["recompute"], measured), (est["recompute"], measured)
+
+
+def test_checkpointing_policies_order_as_measured():
+    """The point of the policies: layer < loop < none for what is kept between forward and backward."""
+    kept = {}
+    for policy in ("none", "loop", "layer"):
+        recipe = small_recipe("masked", policy, loops=4, unique_layers=1)
+        model, objective = build_model(recipe), build_objective(recipe)
+        with SavedBytes(model) as saved:
+            forward_loss(model, objective, recipe, *batch(recipe))
+        kept[policy] = saved.total
+    assert kept["loop"] <= kept["layer"] < kept["none"]   # N=1: a loop is a layer
+    recipe = small_recipe("masked", "loop", loops=4)
+    assert activation_parts(recipe, B, "loop", FP32)["kept"] < activation_parts(recipe, B, "layer", FP32)["kept"]
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_weights_grads_and_adam_state_match_bytes(family):
+    recipe = small_recipe(family, "none")
+    model, objective = build_model(recipe), build_objective(recipe)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward_loss(model, objective, recipe, *batch(recipe)).backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)   # noqa: E731
+    weights = nbytes(model.parameters())
+    grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    adam = nbytes(v for s in opt.state.values() for k, v in s.items() if k != "step")
+    est = state_bytes(parameter_counts(recipe), 0, 1, FP32)
+    assert within(est["weights"], weights) and within(est["grads"], grads) and within(est["optimizer"], adam)
+
+
+def test_zero_stages_shard_what_they_claim():
+    recipe = small_recipe("masked", "none")
+    params = parameter_counts(recipe)
+    bf16 = PRECISIONS["bf16"]
+    s = {z: state_bytes(params, z, 8, bf16) for z in range(4)}
+    assert s[0]["optimizer"] == 12 * params["unique"] and s[1]["optimizer"] == s[0]["optimizer"] / 8
+    assert s[1]["grads"] == s[0]["grads"] and s[2]["grads"] == s[0]["grads"] / 8
+    assert s[2]["weights"] == s[0]["weights"] > s[3]["weights"]
+
+
+def test_largest_micro_batch_is_the_boundary():
+    recipe = load_recipe(ROOT / "recipes" / "imagenet256_masked_elt_l_8x3.yaml")
+    plan = make_plan(recipe, gpus=16, gpu_mem_gib=80)
+    params = plan["params"]
+    budget = plan["usable_gib"] * GiB
+    for row in plan["memory"]:
+        mb = row["max_micro_batch"]
+        args = (row["zero_stage"], row["checkpointing"], 16, PRECISIONS["bf16"])
+        assert memory(recipe, params, mb, *args)["total"] <= budget < memory(recipe, params, mb + 1, *args)["total"]
+    rows = {(r["zero_stage"], r["checkpointing"]): r for r in plan["memory"]}
+    assert rows[(0, "loop")]["max_micro_batch"] > rows[(0, "none")]["max_micro_batch"]
+    assert rows[(3, "none")]["total"] < rows[(0, "none")]["total"]
+
+
+def test_cli_prints_plan_and_json(capsys):
+    recipe = str(ROOT / "recipes" / "imagenet256_masked_elt_xl_7x4.yaml")
+    assert plan_main([recipe, "--gpus", "64", "--gpu-mem", "80", "--mfu", "0.4", "--peak-tflops", "989"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours" in out and "unique" in out and "ZeRO" in out
+    assert plan_main([recipe, "--gpus", "64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["memory"]) == 12 and plan["gpu_hours"] > 0
+    assert plan_main([recipe, "model.widht=3"]) == 2
+    assert "widht" in capsys.readouterr().err
