@@ -24,7 +24,7 @@ def masked_after(k: int, steps: int, n: int) -> int:
 
 def gumbel(shape, generator: torch.Generator) -> torch.Tensor:
     u = torch.rand(shape, generator=generator).clamp(1e-20, 1.0)
-    return -torch.log(-torch.log(u).clamp_min(1e-20))
+    return -torch.log((-torch.log(u)).clamp_min(1e-20))
 
 
 @torch.no_grad()
