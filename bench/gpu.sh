@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite in one script, sized to end inside 8 minutes on one H100 (protocol: bench/RESULTS.md).
 #
-#   GPU machine, project root, ./.whl carried (bash ../shared/gpu/fetch_wheels.sh makes it):
-#       OUT=/path/to/results bash bench/gpu.sh
+#   GPU machine, project root, ./.whl carried (bash ../shared/gpu/fetch_wheels.sh makes it; WHEELS=DIR
+#   points elsewhere):   OUT=/path/to/results bash bench/gpu.sh
 #   any CPU, to check the whole script end to end with tiny models before spending GPU time:
 #       OUT=/tmp/gpu-smoke bash bench/gpu.sh --cpu
 #
@@ -12,7 +12,7 @@
 #      24-unique-layer baseline, per-loop checkpointing, compile on/off, each fast path switched off once
 #   2. training, diffusion ELT 7N×4L (d=1152, 256 tokens, batch 64): compiled and eager, baseline
 #   3. sampling, both families, L = 1..L_max: eager, CUDA graphs, torch.compile, and the baseline
-# Writes $OUT/{train_masked,train_diffusion,sample}.json, $OUT/env.txt and $OUT/gpu.log.
+# Writes $OUT/{train_masked,train_diffusion,sample}.json, env.txt, gpu.log and summary.md (the tables).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -24,7 +24,7 @@ if [ "${1:-}" = "--cpu" ]; then
   tiny=(--tiny)    # same cases and budgets as on the GPU, models shrunk to CPU size
   steps=(--steps 2 --warmup 1)
 else
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 || exit 1
   tiny=()
   steps=(--steps 8 --warmup 3)
@@ -52,4 +52,5 @@ phase sample 120 python3 bench/sample_throughput.py "${tiny[@]}" \
   --modes eager,cudagraphs,compile --baseline --warmup 2 --repeats 5 \
   --time-budget 95 --out "$OUT/sample.json"
 
+python3 bench/summarize.py "$OUT" | tee "$OUT/summary.md"
 echo "gpu.sh: done in $SECONDS s; results in $OUT"

@@ -76,3 +76,22 @@ def test_gpu_script_is_valid_bash_and_uses_only_carried_wheels():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")]).returncode == 0
     assert "--no-index" in script and "pip install" in script.replace("-m pip install", "pip install")
     assert "TORCH_CUDA_ARCH_LIST=9.0" in script
+
+
+@pytest.mark.parametrize("family", ["masked", "diffusion"])
+def test_bf16_weights_take_the_trainers_fp32_inputs(family):
+    """On a GPU DeepSpeed's bf16 mode casts the weights, not the inputs: the models must accept the
+    objective's fp32 latents / int tokens (the GPU training benchmark runs exactly this)."""
+    import torch
+
+    from elt_scale.config import load_recipe
+    from elt_scale.models import build_model
+    from elt_scale.objectives import build_objective
+
+    recipe = load_recipe(ROOT / "recipes" / f"digits_{family}.yaml", ["model.width=32", "model.heads=2"])
+    model = build_model(recipe).to(torch.bfloat16)
+    m = recipe.model
+    x = torch.randint(0, m.vocab_size, (2, *m.grid)) if family == "masked" else torch.randn(2, m.channels, *m.grid)
+    prepared = build_objective(recipe).prepare(x, torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    student, teacher = model(*prepared.inputs, exits=(1, m.loops))
+    assert teacher.dtype == torch.bfloat16 and torch.isfinite(teacher.float()).all()

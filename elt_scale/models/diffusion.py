@@ -59,5 +59,6 @@ class DiffusionELT(nn.Module):
                 exits: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
         """x_t: (B, C, [T,] H, W); t in [0, 1]. Returns the x0 prediction at each exit, in order."""
         cond = self.condition(t, labels)
+        x_t = x_t.to(self.pos_emb.dtype)   # DeepSpeed bf16 casts the weights, not the (fp32) noisy latents
         states = self.trunk(self.patchify(x_t) + self.pos_emb, cond, exits=exits)
         return tuple(self.readout(h, cond) for h in states)
