@@ -27,7 +27,7 @@ else
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 || exit 1
   tiny=()
-  steps=(--steps 8 --warmup 3)
+  steps=(--steps 10 --warmup 3)
 fi
 { date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt"
 
