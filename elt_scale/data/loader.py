@@ -4,20 +4,26 @@ Each (rank, worker) slot reads an infinite stream: epoch e visits the shards in 
 (seed, e); with at least as many shards as slots each slot owns whole shards, otherwise every slot
 reads all shards and keeps every slots-th sample. A seeded shuffle buffer follows. The stream is a pure
 function of (seed, rank, world, workers), so the data position saved in a checkpoint is just the number
-of batches consumed, and resuming replays to exactly the next batch."""
+of batches consumed; resuming fast-forwards each worker's stream past its share of those batches
+(reading, not decoding or batching, what it skips) and lands on exactly the next batch.
+
+Only the members in ALLOWED_MEMBERS are ever looked at, `.npy` is parsed with pickles refused, and
+a refused sample or a corrupt shard is fatal with data.strict=true, else skipped with a warning and
+counted (`Loader.bad_samples`, `Loader.bad_shards`)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .shards import ALLOWED_MEMBERS, LABEL_MEMBER, SAMPLE_MEMBER, decode_npy, read_manifest
+from .reader import CorruptShard, NpyDecoder
+from .reader import samples as shard_samples
+from .shards import ALLOWED_MEMBERS, LABEL_MEMBER, SAMPLE_MEMBER, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,57 +62,92 @@ def check_manifest(manifest: dict, recipe, where: str) -> None:
 
 
 class ShardStream(IterableDataset):
+    """Infinite stream of ready micro-batches (inputs, labels) for one (rank, worker) slot.
+
+    Batches are built inside the worker (one np.stack per batch instead of a collate per sample), and
+    `skip_batches` fast-forwards a resumed stream without decoding or shipping what it skips."""
+
     def __init__(self, paths: list[str], seed: int, rank: int, world: int, shuffle_buffer: int,
-                 kind: str, strict: bool):
+                 kind: str, strict: bool, batch_size: int = 1, skip_batches: int = 0):
         self.paths, self.seed, self.rank, self.world = paths, seed, rank, world
         self.shuffle_buffer, self.kind, self.strict = shuffle_buffer, kind, strict
-        self.bad_shards = 0
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+        # shared with worker processes, so the main process sees what they skipped
+        self._bad_shards, self._bad_samples = mp.Value("l", 0), mp.Value("l", 0)
 
-    def _slot(self) -> tuple[int, int]:
+    @property
+    def bad_shards(self) -> int:
+        return self._bad_shards.value
+
+    @property
+    def bad_samples(self) -> int:
+        return self._bad_samples.value
+
+    def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
-        workers, wid = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + wid, self.world * workers
+        return (info.id, info.num_workers) if info else (0, 1)
 
-    def _read(self, path: str):
+    def _records(self, path: str):
+        """(key, members) of every sample in a shard; a broken shard ends early with a warning."""
         try:
             with open(path, "rb") as f:
-                for sample in group_by_keys(tar_file_expander([{"url": path, "stream": f}])):
-                    yield self._decode(sample, path)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            if self.strict or isinstance(e, ShardError):
-                raise ShardError(f"{path}: {e}") from e
-            self.bad_shards += 1
-            log.warning("skipping unreadable shard %s (%s); %d skipped so far", path, e, self.bad_shards)
+                buf = f.read()
+            yield from shard_samples(buf)
+        except (CorruptShard, OSError) as e:
+            if self.strict:
+                raise ShardError(f"shard {path}: {e} (data.strict=true)") from e
+            with self._bad_shards.get_lock():
+                self._bad_shards.value += 1
+            log.warning("skipping the rest of unreadable shard %s (%s); %d shard(s) skipped so far",
+                        path, e, self.bad_shards)
 
-    def _decode(self, sample: dict, path: str):
-        key = sample.get("__key__")
-        members = {k for k in sample if not k.startswith("__")}
-        unexpected = members - ALLOWED_MEMBERS
-        if unexpected or SAMPLE_MEMBER not in members or LABEL_MEMBER not in members:
-            what = f"unexpected member(s) {sorted(unexpected)}" if unexpected else f"members {sorted(members)}"
-            raise ShardError(f"shard {path}, sample {key!r}: {what}; only {sorted(ALLOWED_MEMBERS)} are read "
-                             "(nothing else is ever decoded)")
+    def _decode(self, key: str, members: dict, path: str, npy: NpyDecoder):
+        """A sample's (array, label), or None when refused and data.strict is off."""
         try:
-            x = decode_npy(sample[SAMPLE_MEMBER])
-        except ValueError as e:
-            raise ShardError(f"shard {path}, sample {key!r}: {SAMPLE_MEMBER} refused ({e})") from e
-        x = torch.from_numpy(x.astype(np.int64 if self.kind == "codes" else np.float32))
-        return x, int(sample[LABEL_MEMBER])
+            names = set(members)
+            unexpected = names - ALLOWED_MEMBERS
+            if unexpected or SAMPLE_MEMBER not in names or LABEL_MEMBER not in names:
+                what = f"unexpected member(s) {sorted(unexpected)}" if unexpected else f"members {sorted(names)}"
+                raise ShardError(f"{what}; only {sorted(ALLOWED_MEMBERS)} are read (nothing else is ever decoded)")
+            try:
+                x = npy(members[SAMPLE_MEMBER]).copy()
+            except ValueError as e:
+                raise ShardError(f"{SAMPLE_MEMBER} refused ({e})") from e
+            try:
+                label = int(bytes(members[LABEL_MEMBER]))
+            except ValueError as e:
+                raise ShardError(f"{LABEL_MEMBER} is not an integer") from e
+            return x, label
+        except ShardError as e:
+            msg = f"shard {path}, sample {key!r}: {e}"
+            if self.strict:
+                raise ShardError(msg) from None
+            with self._bad_samples.get_lock():
+                self._bad_samples.value += 1
+            log.warning("skipping %s; %d sample(s) skipped so far", msg, self.bad_samples)
+            return None
 
-    def __iter__(self):
-        slot, slots = self._slot()
-        buffer, epoch = [], 0
+    def samples(self, slot: int, slots: int):
+        """The slot's infinite, deterministic sample stream (after the shuffle buffer)."""
+        buffer, epoch, npy = [], 0, NpyDecoder()
         rng = random.Random(f"{self.seed}/{slot}")
         while True:
             order = list(self.paths)
             random.Random(f"{self.seed}/epoch{epoch}").shuffle(order)
             whole_shards = len(order) >= slots
             mine = order[slot::slots] if whole_shards else order
-            n = 0
+            n = got = 0
             for path in mine:
-                for item in self._read(path):
+                for key, members in self._records(path):
                     n += 1
                     if not whole_shards and (n - 1) % slots != slot:
+                        continue
+                    item = self._decode(key, members, path, npy)
+                    if item is None:
+                        continue
+                    got += 1
+                    if self.shuffle_buffer == 0:
+                        yield item
                         continue
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(item)
@@ -114,9 +155,25 @@ class ShardStream(IterableDataset):
                     i = rng.randrange(len(buffer))
                     buffer[i], item = item, buffer[i]
                     yield item
-            if n == 0 and not buffer:
-                raise ShardError(f"no readable samples in {len(mine)} shard(s) for slot {slot}")
+            if got == 0 and not buffer:
+                raise ShardError(f"no readable samples in {len(mine)} shard(s) for slot {slot} "
+                                 f"(first: {mine[0] if mine else 'none'})")
             epoch += 1      # the shuffle buffer carries over, so the stream stays continuous
+
+    def __iter__(self):
+        wid, workers = self._worker()
+        # DataLoader starts its round robin at worker 0, and resumed global batch P belongs to logical
+        # worker P % workers: rotate, so every worker keeps the slot (and stream) it had before
+        wid = (wid + self.skip_batches) % workers
+        stream = self.samples(self.rank * workers + wid, self.world * workers)
+        # DataLoader takes batch k from worker k % workers: this worker's share of the skipped batches
+        for _ in range(max(0, self.skip_batches - wid + workers - 1) // workers * self.batch_size):
+            next(stream)
+        as_type = np.int64 if self.kind == "codes" else np.float32
+        while True:
+            items = [next(stream) for _ in range(self.batch_size)]
+            x = torch.from_numpy(np.stack([a for a, _ in items]).astype(as_type))
+            yield x, torch.tensor([label for _, label in items])
 
 
 class Loader:
@@ -124,12 +181,19 @@ class Loader:
 
     def __init__(self, dataset: ShardStream, batch_size: int, num_workers: int, position: int = 0):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.position = 0
-        self._it = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+        dataset.batch_size, dataset.skip_batches = batch_size, position   # the stream skips, nothing replays here
+        self.position = position
+        self._it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                    pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                                    persistent_workers=num_workers > 0))
-        for _ in range(position):        # replay: the stream is deterministic, so this lands on the next batch
-            next(self)
+
+    @property
+    def bad_shards(self) -> int:
+        return self.dataset.bad_shards
+
+    @property
+    def bad_samples(self) -> int:
+        return self.dataset.bad_samples
 
     def __iter__(self):
         return self
@@ -145,5 +209,6 @@ def make_loader(recipe, rank: int = 0, world: int = 1, position: int = 0) -> Loa
     manifest = read_manifest(d.shards)
     check_manifest(manifest, recipe, d.shards)
     paths = shard_paths(d.shards, d.split, manifest)
-    ds = ShardStream(paths, recipe.run.seed, rank, world, d.shuffle_buffer, manifest["sample"]["kind"], d.strict)
+    ds = ShardStream(paths, recipe.run.seed, rank, world, d.shuffle_buffer, manifest["sample"]["kind"], d.strict,
+                     recipe.train.micro_batch)
     return Loader(ds, recipe.train.micro_batch, d.num_workers, position)
