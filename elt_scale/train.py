@@ -4,24 +4,30 @@
     python -m elt_scale.train RECIPE.yaml train.steps=200
     deepspeed --num_gpus 8 --module elt_scale.train RECIPE.yaml deepspeed.zero_stage=2
 
-Writes <run.out_dir>/<run.name>/{recipe.yaml, metrics.jsonl, ckpt/}. A run directory that already
-holds a checkpoint is resumed (train.resume=auto|never|PATH).
+Writes <run.out_dir>/<run.name>/{recipe.yaml, run_info.json, metrics.jsonl, ckpt/}. A run directory
+that already holds a checkpoint is resumed (train.resume=auto|never|PATH), also on another world size.
+Exit codes: 0 done, 2 bad recipe, 3 numerics guard stopped the run, 75 preempted (checkpoint saved;
+requeue it: see elt_scale/engine/preemption.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import torch
+import torch.distributed as dist
 
 from .config import RecipeError, load_recipe, save_recipe
 from .data import make_loader
-from .engine.distributed import device, init_distributed
-from .engine.ds_config import make_ds_config, make_optimizer
+from .engine import checkpoint as ckpt
+from .engine.distributed import init_distributed
+from .engine.ds_config import BatchMismatch, make_ds_config, make_optimizer
+from .engine.ema import ShardedEMA
+from .engine.guard import NumericsGuard, NumericsStop, poison, term_flags
+from .engine.logger import MetricsLog, Throughput, init_wandb, new_wandb_id, write_run_info
+from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .ilsd import draw_l_int, ilsd_lambda, ilsd_loss
-from .models import build_model, count_params
+from .models import build_model
 from .objectives import build_objective
 
 
@@ -41,22 +47,36 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 
 def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: int):
-    """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int)."""
+    """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ)."""
     r = recipe
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
     prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, rank, micro))
     l_max = r.model.loops
     if r.ilsd.enabled:
-        l_int = draw_l_int(r.run.seed, step, r.ilsd.min_loops, l_max)
+        l_int = draw_l_int(r.run.seed, step, r.ilsd.min_loops, l_max)     # same on every rank, no comm
         student, teacher = engine(*prepared.inputs, exits=(l_int, l_max))
         lam = ilsd_lambda(step, r.ilsd.lambda_start, r.ilsd.lambda_end, r.ilsd.lambda_steps or r.train.steps)
     else:
         l_int, lam, student = l_max, 1.0, None
         (teacher,) = engine(*prepared.inputs, exits=(l_max,))
+    if step + 1 in r.train.debug_nan_steps and rank == 0 and micro == 0:    # test hook: a bad student exit
+        student = student * float("nan") if student is not None else None
+        teacher = teacher * float("nan") if student is None else teacher
     loss, terms = ilsd_loss(teacher, student, objective, prepared, lam)
-    engine.backward(loss)
+    engine.backward(poison(loss))
     engine.step()
     return loss.detach(), terms, l_int, lam
+
+
+def agree(flags: list[float]) -> list[float]:
+    """Element-wise max over ranks: one small all-reduce per step for preemption and numerics flags."""
+    t = torch.tensor(flags, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def as_float(x) -> float | None:
+    return None if x is None else float(x)
 
 
 def main(argv=None) -> int:
@@ -69,62 +89,110 @@ def main(argv=None) -> int:
     import deepspeed  # heavy import, after argument errors are reported
 
     rank, world = init_distributed()
+    try:
+        ds_config = make_ds_config(recipe, world)
+    except BatchMismatch as e:
+        print(f"elt-train: {e}", file=sys.stderr)
+        return 2
+    run_dir, ckpt_dir, t = recipe.run_dir, recipe.run_dir / "ckpt", recipe.train
+
+    # --- where to start: a complete checkpoint of this run (or train.resume=PATH), or step 0 ---------------
+    resume_from = ckpt.find_resume(t.resume, ckpt_dir)
+    client = ckpt.read_client(resume_from) if resume_from else None
+    same_world = client is not None and client["world_size"] == world
+
     torch.manual_seed(recipe.run.seed)           # identical initial weights on every rank
     model = build_model(recipe)
-    if recipe.train.compile:
+    if client and not same_world:                # other world size: consolidated fp32 weights, fresh moments
+        model.load_state_dict(ckpt.consolidated_weights(resume_from))
+    if t.compile:
         model.trunk.compile_block()
     objective = build_objective(recipe)
-    ds_config = make_ds_config(recipe, world)
     optimizer = None if "optimizer" in ds_config else make_optimizer(recipe, model)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if same_world:
+        client = ckpt.load_same_world(engine, resume_from)
+    elif client:
+        ckpt.restore_schedule(engine, scheduler, client["step"])
+    ema = ShardedEMA(engine.module, t.ema_decay, rank, world) if t.ema_decay > 0 else None
+    if ema and client:
+        ema.load(resume_from)
+    client = client or {"step": 0, "data_position": 0, "wandb_id": new_wandb_id(), "skipped_steps": 0,
+                        "bad_streak": 0}
+    start = client["step"]
+    guard = NumericsGuard(t.max_bad_steps, client["skipped_steps"], client["bad_streak"])
 
-    run_dir = recipe.run_dir
-    ckpt_dir = run_dir / "ckpt"
-    start_step, position = 0, 0
-    if recipe.train.resume != "never":
-        load_dir = ckpt_dir if recipe.train.resume == "auto" else recipe.train.resume
-        if (load_dir == ckpt_dir and (ckpt_dir / "latest").exists()) or load_dir != ckpt_dir:
-            path, client = engine.load_checkpoint(str(load_dir))
-            if path is None and load_dir != ckpt_dir:
-                raise FileNotFoundError(f"train.resume={load_dir}: no DeepSpeed checkpoint there")
-            if path is not None:
-                start_step, position = client["step"], client["data_position"]
+    # --- run directory, logging ---------------------------------------------------------------------------
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    loader = make_loader(recipe, rank, world, position)
-
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    from tqdm import tqdm
-    bar = tqdm(total=recipe.train.steps, initial=start_step, disable=rank != 0, desc=recipe.run.name, unit="step")
-    if rank == 0:
+        if ckpt_dir.exists():
+            ckpt.prune(ckpt_dir, t.keep_last)     # drops folders of saves that never completed
+        info = write_run_info(run_dir / "run_info.json", recipe, model, world, ds_config, client["wandb_id"])
+        metrics = MetricsLog(run_dir, resume_step=start)
+        wandb_run = init_wandb(recipe, client["wandb_id"])
         print(f"elt-train: {recipe.model.family} {recipe.model.unique_layers}N×{recipe.model.loops}L, "
-              f"{count_params(model) / 1e6:.2f}M params, world {world}, ZeRO-{recipe.deepspeed.zero_stage}, "
-              f"global batch {ds_config['train_batch_size']}, steps {start_step}→{recipe.train.steps}")
-    t_last, samples_since = time.time(), 0
-    for step in range(start_step, recipe.train.steps):
-        for micro in range(recipe.train.grad_accum):
-            loss, terms, l_int, lam = train_step(engine, objective, next(loader), recipe, step, rank, micro)
-        samples_since += ds_config["train_batch_size"]
+              f"{info['unique_params'] / 1e6:.2f}M params ({info['effective_params'] / 1e6:.2f}M effective), "
+              f"world {world}, ZeRO-{recipe.deepspeed.zero_stage}, global batch {info['global_batch']} = "
+              f"{t.micro_batch} micro × {t.grad_accum} accum × {world} ranks, steps {start}→{t.steps}"
+              + (f", resumed from {resume_from}" if resume_from else ""))
+    loader = make_loader(recipe, rank, world, client["data_position"])
+    preempt = PreemptionFlag()
+    meter = Throughput(recipe, world)
+
+    def save(step: int) -> None:
+        state = {"step": step, "data_position": loader.position, "world_size": world,
+                 "zero_stage": recipe.deepspeed.zero_stage, "lambda": lam, "wandb_id": client["wandb_id"],
+                 "skipped_steps": guard.skipped, "bad_streak": guard.streak}
+        ckpt.save(engine, ckpt_dir, state, ema, t.keep_last, crash_before_pointer=step == t.debug_kill_in_save)
+
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start, disable=rank != 0, desc=recipe.run.name, unit="step")
+    lam, status = None, 0
+    for step in range(start, t.steps):
         done = step + 1
-        if rank == 0 and (done % recipe.train.log_every == 0 or done == recipe.train.steps):
-            now = time.time()
+        skipped_before, bad = engine.skipped_steps, [0.0, 0.0, 0.0]
+        for micro in range(t.grad_accum):
+            loss, terms, l_int, lam = train_step(engine, objective, next(loader), recipe, step, rank, micro)
+            bad = [max(a, b) for a, b in zip(bad, term_flags(terms))]
+        skipped = engine.skipped_steps > skipped_before
+        if ema and not skipped:
+            ema.update()
+        meter.add(ds_config["train_batch_size"])
+        *bad, preempted = agree(bad + [float(preempt.requested)])
+        grad_norm = as_float(engine.get_global_grad_norm())
+        try:
+            guard.after_step(done, skipped, bad, grad_norm)
+        except NumericsStop as e:
+            if rank == 0:
+                print(f"elt-train: stopping: {e}", file=sys.stderr)
+            status = 3
+            break
+        if rank == 0 and (done % t.log_every == 0 or done == t.steps or preempted):
             row = {"step": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-                   "lambda": lam, "l_int": l_int, "lr": scheduler.get_last_lr()[0],
-                   "samples_per_s": samples_since / (now - t_last), "world_size": world}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+                   "lambda": lam, "l_int": l_int, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "skipped_steps": guard.skipped, **meter.read(), "world_size": world}
+            metrics.write(row)
+            if wandb_run:
+                wandb_run.log(row, step=done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", L_int=l_int)
-            t_last, samples_since = now, 0
         bar.update(1)
-        if (recipe.train.save_every and done % recipe.train.save_every == 0) or done == recipe.train.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{done:08d}",
-                                   client_state={"step": done, "data_position": loader.position})
+        if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
+            save(done)
+        if preempted:
+            if rank == 0:
+                print(f"elt-train: preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
+                      f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", file=sys.stderr)
+            status = PREEMPT_EXIT_CODE
+            break
     bar.close()
     if rank == 0:
         metrics.close()
-        print(f"elt-train: finished {recipe.train.steps} steps; run in {run_dir}")
-    return 0
+        if wandb_run:
+            wandb_run.finish()
+        if status == 0:
+            print(f"elt-train: finished {t.steps} steps, {guard.skipped} skipped; run in {run_dir}")
+    return status
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from .guard import GuardedAdamW
+
 
 class BatchMismatch(ValueError):
     pass
@@ -30,6 +32,12 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def own_clip(recipe) -> bool:
+    """Stage 0 in fp32 hands our optimizer to DeepSpeed unwrapped: GuardedAdamW clips (and reports the
+    pre-clip norm and skips non-finite steps) itself."""
+    return recipe.deepspeed.zero_stage == 0 and not bf16_enabled(recipe) and not recipe.deepspeed.offload_optimizer
+
+
 def make_ds_config(recipe, world: int) -> dict:
     t, d = recipe.train, recipe.deepspeed
     zero: dict = {"stage": d.zero_stage}
@@ -43,7 +51,7 @@ def make_ds_config(recipe, world: int) -> dict:
         "train_batch_size": global_batch(recipe, world),
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if own_clip(recipe) else t.grad_clip,
         "bf16": {"enabled": bf16_enabled(recipe)},
         "zero_optimization": zero,
         "scheduler": {"type": "WarmupCosineLR", "params": {
@@ -64,4 +72,7 @@ def make_optimizer(recipe, model):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available())
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available())
+    if own_clip(recipe):          # unwrapped by DeepSpeed: skip non-finite steps ourselves
+        return GuardedAdamW(groups, max_grad_norm=t.grad_clip, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)   # DeepSpeed's ZeRO/bf16 wrapper skips non-finite steps

@@ -1,0 +1,141 @@
+"""Checkpoints: DeepSpeed's per-rank files + EMA shards + client state, and a `latest` pointer that only
+moves once every rank has finished writing.
+
+    <run>/ckpt/step_00001000/{mp_rank_00_model_states.pt, *zero_pp_rank_*optim_states.pt,
+                              ema_rank*.safetensors, client_state.json}
+    <run>/ckpt/latest          -> "step_00001000", replaced atomically (write tmp, fsync, rename)
+
+DeepSpeed's own `latest` is written by rank 0 without waiting for the other ranks' shards, so a job
+killed mid-save could point at a half-written folder; we save with save_latest=False and write the
+pointer ourselves after a barrier. A folder without the pointer is ignored (and pruned later).
+
+Resuming on the same world size restores everything through `engine.load_checkpoint`. On a different
+world size the fp32 weights are consolidated (zero_to_fp32) and loaded before `deepspeed.initialize`,
+the EMA is re-sliced, step/LR schedule/data position continue; the optimizer moments restart from zero
+and each rank's data stream is the new world's (the stream is a function of rank and world)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+POINTER = "latest"
+CLIENT_STATE = "client_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_pointer(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{POINTER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / POINTER)
+
+
+def read_pointer(ckpt_dir: Path) -> str | None:
+    p = Path(ckpt_dir) / POINTER
+    return p.read_text().strip() if p.exists() else None
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2, crash_before_pointer=False) -> str:
+    """Collective: every rank calls it. Returns the tag. `client` must be JSON-serialisable."""
+    tag = tag_for(client["step"])
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client, "rng": rng_state()}, save_latest=False)
+    folder = ckpt_dir / tag
+    if ema is not None:
+        ema.save(folder)
+    if dist.get_rank() == 0:
+        (folder / CLIENT_STATE).write_text(json.dumps(client, indent=1))
+    dist.barrier()                                  # every rank's files are on disk
+    if crash_before_pointer:                        # test hook (train.debug_kill_in_save): die mid-save
+        os.kill(os.getpid(), 9)
+    if dist.get_rank() == 0:
+        write_pointer(ckpt_dir, tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints up to the pointer (the pointed-to one always);
+    drop older ones and folders of saves that never completed (killed before the pointer moved)."""
+    current = read_pointer(ckpt_dir) or ""
+    tags = sorted(p.name for p in Path(ckpt_dir).glob("step_*") if p.is_dir())
+    complete = [t for t in tags if t <= current and (ckpt_dir / t / CLIENT_STATE).exists()]
+    keep = set(complete[-keep_last:]) | {current}
+    for t in tags:
+        if t not in keep:
+            shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+
+
+def find_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    """train.resume=auto|never|PATH -> the checkpoint folder to resume from (or None to start fresh).
+    PATH may be a run's ckpt/ directory (its pointer is followed) or one step_* folder."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = read_pointer(ckpt_dir)
+        return ckpt_dir / tag if tag else None
+    path = Path(resume)
+    tag = read_pointer(path)
+    folder = path / tag if tag else path
+    if not (folder / CLIENT_STATE).exists():
+        raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint there (expected a ckpt/ "
+                                f"directory with a '{POINTER}' pointer, or a step_* folder with {CLIENT_STATE})")
+    return folder
+
+
+def read_client(folder: Path) -> dict:
+    return json.loads((folder / CLIENT_STATE).read_text())
+
+
+def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint folder of any ZeRO stage and world size (trusted input: unpickles)."""
+    folder = Path(folder)
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def load_same_world(engine, folder: Path) -> dict:
+    """Full restore (weights, optimizer, LR schedule) through DeepSpeed; returns our client state
+    (client_state.json: DeepSpeed hands its own copy back only where the rank's file holds one)."""
+    path, ds_client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: DeepSpeed could not load this checkpoint")
+    if ds_client and "rng" in ds_client:    # our randomness is a function of the step; restored for others'
+        set_rng_state(ds_client["rng"])
+    return read_client(folder)
+
+
+def restore_schedule(engine, scheduler, step: int) -> None:
+    """After a cross-world resume: continue the LR schedule and DeepSpeed's step counter at `step`."""
+    engine.global_steps = step
+    if scheduler is not None and step > 0:
+        scheduler.step(step - 1)

@@ -1,0 +1,71 @@
+"""Numerics guard: skip steps with a non-finite loss or gradient; stop after K bad steps in a row.
+
+The skip itself is DeepSpeed's: with ZeRO 1-3 (and its bf16 optimizer) a non-finite gradient norm marks
+the step as overflowed and the optimizer step and LR-schedule step are not taken (`engine.skipped_steps`);
+for stage 0 `GuardedAdamW` does the same. A non-finite loss is turned into non-finite gradients
+(`poison`) so both cases go the same way and every rank agrees (the gradient norm is global).
+The per-term flags are all-reduced with the preemption flag, so all ranks name the same culprit."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+TERMS = ("loss_teacher", "loss_student", "loss_distill")
+
+
+class NumericsStop(RuntimeError):
+    """K consecutive bad steps: the message names the step and the offending loss term."""
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not finite, reporting it the way DeepSpeed's own
+    optimizers do (`overflow`, `_global_grad_norm`), so the engine counts it and holds the LR schedule.
+    Used only at stage 0 in fp32 (DeepSpeed hands it the gradients unwrapped), where it also clips and
+    reports the pre-clip norm; under ZeRO/bf16 DeepSpeed's own wrapper does all three."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm, self.overflow, self._global_grad_norm = max_grad_norm, False, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        return None if self.overflow else super().step(closure)
+
+
+def term_flags(terms: dict[str, torch.Tensor]) -> list[float]:
+    """1.0 per term in TERMS that is non-finite on this rank (absent terms: 0)."""
+    return [0.0 if k not in terms or bool(torch.isfinite(terms[k]).all()) else 1.0 for k in TERMS]
+
+
+def poison(loss: torch.Tensor) -> torch.Tensor:
+    """A non-finite loss gives NaN gradients for sure (a NaN added as a constant would not)."""
+    return loss if bool(torch.isfinite(loss)) else loss * float("nan")
+
+
+class NumericsGuard:
+    def __init__(self, max_bad_steps: int, skipped_steps: int = 0, streak: int = 0):
+        self.max_bad, self.skipped, self.streak = max_bad_steps, skipped_steps, streak
+
+    def after_step(self, step: int, skipped: bool, bad_terms: list[float], grad_norm: float | None) -> None:
+        """Count the step; raise NumericsStop on the K-th consecutive bad one."""
+        bad = skipped or any(bad_terms)
+        if not bad:
+            self.streak = 0
+            return
+        self.skipped += 1
+        self.streak += 1
+        culprit = next((k for k, f in zip(TERMS, bad_terms) if f), None)
+        what = (f"non-finite {culprit}" if culprit else
+                f"non-finite gradient (grad norm {grad_norm if grad_norm is None or math.isfinite(grad_norm) else grad_norm})")
+        self.last = f"step {step}: {what}"
+        if self.streak >= self.max_bad:
+            raise NumericsStop(f"{self.streak} consecutive bad steps (train.max_bad_steps={self.max_bad}); "
+                               f"last at step {step}: {what}; skipped {self.skipped} step(s) in total")

@@ -1,0 +1,127 @@
+"""What a run reports: metrics.jsonl (always), wandb (offline/online), run_info.json, throughput.
+
+Only rank 0 writes. metrics.jsonl holds each step at most once across preemptions: on resume at step S
+rows after S (logged before the job died, but not covered by the checkpoint) are dropped, because the
+resumed run logs those steps again."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..config import recipe_to_dict
+from ..models.flops import sequence_length, train_flops_per_sample
+
+
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def new_wandb_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def init_wandb(recipe, run_id: str):
+    """wandb run (resumed by id) or None. The WANDB_MODE environment variable, wandb's own switch,
+    overrides logging.wandb_mode (tests set it to disabled)."""
+    mode = os.environ.get("WANDB_MODE", recipe.logging.wandb_mode)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print(f"elt-train: WARNING logging.wandb_mode={mode} but wandb is not installed "
+              "(pip install 'elt-scale[wandb]'); logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    return wandb.init(project=recipe.logging.wandb_project, name=recipe.run.name, id=run_id, resume="allow",
+                      mode=mode, dir=str(recipe.run_dir), config=recipe_to_dict(recipe))
+
+
+class Throughput:
+    """samples/s, tokens/s, achieved TFLOP/s (ELT FLOPs: N layers × L loops, teacher pass once) and MFU."""
+
+    def __init__(self, recipe, world: int):
+        self.flops_per_sample = train_flops_per_sample(recipe)
+        self.tokens_per_sample = sequence_length(recipe.model)
+        self.peak = recipe.logging.peak_tflops * world
+        self.t, self.samples = time.perf_counter(), 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        sps = self.samples / max(now - self.t, 1e-9)
+        self.t, self.samples = now, 0
+        tflops = sps * self.flops_per_sample / 1e12
+        out = {"samples_per_s": sps, "tokens_per_s": sps * self.tokens_per_sample, "tflops": tflops}
+        if self.peak > 0:
+            out["mfu"] = tflops / self.peak
+        out["peak_mem_gb"] = peak_memory_gb()
+        return out
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # Linux: KiB -> GiB (host RSS)
+
+
+def effective_params(model) -> tuple[int, int]:
+    """(unique parameters, effective parameters = the trunk counted L_max times)."""
+    def numel(params):   # ZeRO-3 leaves empty placeholders on the module; ds_numel is the full size
+        return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    unique, trunk = numel(model.parameters()), numel(model.trunk.parameters())
+    return unique, unique + trunk * (model.trunk.loops - 1)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(path: Path, recipe, model, world: int, ds_config: dict, wandb_id: str) -> dict:
+    import deepspeed
+    unique, effective = effective_params(model)
+    info = {"world_size": world, "zero_stage": recipe.deepspeed.zero_stage,
+            "global_batch": ds_config["train_batch_size"], "micro_batch": recipe.train.micro_batch,
+            "grad_accum": recipe.train.grad_accum, "bf16": ds_config["bf16"]["enabled"],
+            "unique_params": unique, "effective_params": effective,
+            "train_flops_per_sample": train_flops_per_sample(recipe), "wandb_id": wandb_id,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "deepspeed": deepspeed.__version__},
+            "git_commit": git_commit(), "ds_config": ds_config}
+    Path(path).write_text(json.dumps(info, indent=1))
+    return info
