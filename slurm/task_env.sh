@@ -14,10 +14,13 @@ export RANK="$SLURM_PROCID"
 export WORLD_SIZE="$SLURM_NTASKS"
 export LOCAL_RANK="$SLURM_LOCALID"
 export NODE_RANK="$SLURM_NODEID"
+# One intra-op thread pool per CPU the task was given (torchrun's default is 1): without it every
+# rank spins up a thread per core of the node and the ranks of one node oversubscribe it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 if [ "${ELT_DRY_RUN:-0}" = 1 ]; then
   line=(env "RANK=$RANK" "WORLD_SIZE=$WORLD_SIZE" "LOCAL_RANK=$LOCAL_RANK" "NODE_RANK=$NODE_RANK"
-        "MASTER_ADDR=$MASTER_ADDR" "MASTER_PORT=$MASTER_PORT" "$@")
+        "OMP_NUM_THREADS=$OMP_NUM_THREADS" "MASTER_ADDR=$MASTER_ADDR" "MASTER_PORT=$MASTER_PORT" "$@")
   printf 'dry-run %s rank %s: ' "${SLURMD_NODENAME:-$(hostname -s)}" "$RANK"
   printf '%q ' "${line[@]}"
   printf '\n'

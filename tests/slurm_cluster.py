@@ -98,6 +98,8 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# look at pending jobs every second: a requeued job becomes eligible after cred_expire, with no event
+SchedulerParameters=sched_interval=1
 # the nodes share this host's cores, and may claim fewer than it has
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -117,7 +119,7 @@ class LocalSlurm:
     def __init__(self, root: Path, cpus_per_node: int = 2):
         self.root = Path(root)
         self.cpus = cpus_per_node
-        self.procs: list[subprocess.Popen] = []
+        self.procs: dict[str, subprocess.Popen] = {}   # name -> daemon, in start order
         self.env = dict(os.environ, SLURM_CONF=str(self.root / "slurm.conf"))
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -160,23 +162,23 @@ class LocalSlurm:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.stdout", "ab")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        proc = self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
         time.sleep(0.2)
-        if self.procs[-1].poll() is not None:
-            raise RuntimeError(f"{name} exited at once (rc {self.procs[-1].returncode}); logs in {self.root}/log\n"
-                               + self.logs())
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at once (rc {proc.returncode}); logs in {self.root}/log\n" + self.logs())
 
     def stop(self) -> None:
         """Cancel our jobs, wait for them to leave the nodes, then stop the daemons we started."""
-        if any(p.poll() is None for p in self.procs[1:2]):    # slurmctld alive: let jobs end cleanly
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:           # let our jobs end cleanly first
             subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=30)
             try:
-                self._wait_for(lambda: not self._out(["squeue", "-h"]).strip(), "jobs to leave", timeout=30)
-            except TimeoutError:
+                self.wait_all(timeout=30)
+            except (TimeoutError, RuntimeError):
                 pass
-        for p in reversed(self.procs):                           # slurmd, slurmctld, then munged
+        for p in reversed(list(self.procs.values())):            # slurmd, slurmctld, then munged
             if p.poll() is None:
                 p.terminate()
                 try:
@@ -207,6 +209,10 @@ class LocalSlurm:
         self._wait_for(lambda: self.job(job_id).get("JobState") in done, f"job {job_id} to finish", timeout)
         return self.job(job_id)
 
+    def wait_all(self, timeout: float = 180) -> None:
+        """Until no job is left in the queue (array tasks and jobs that others submitted included)."""
+        self._wait_for(lambda: not self._out(["squeue", "-h"]).strip(), "the queue to empty", timeout)
+
     def logs(self) -> str:
         parts = []
         for f in sorted((self.root / "log").glob("*")):
@@ -230,7 +236,7 @@ class LocalSlurm:
         while time.time() < end:
             if cond():
                 return
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            dead = [name for name, p in self.procs.items() if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} died while waiting for {what}\n{self.logs()}")
             time.sleep(every)

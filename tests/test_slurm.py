@@ -36,8 +36,9 @@ def job_env(tmp_path):
     return {"ELT_ENV_FILE": str(env_file), "ELT_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "disabled"}
 
 
-def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train"):
+def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train", dry_run=False):
     out = tmp_path / "batch-%j.out"
+    job_env = dict(job_env, ELT_DRY_RUN="1" if dry_run else "0")
     job = cluster.sbatch("slurm/train_large.sh", str(ROOT / "recipes" / "digits_masked.yaml"), *TINY, *overrides,
                          sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}"], env=job_env, cwd=ROOT)
     return job, Path(str(out).replace("%j", str(job)))
@@ -45,7 +46,7 @@ def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train"):
 
 def node_logs(job_env, name, job) -> dict[str, str]:
     d = Path(job_env["ELT_LOG_DIR"]) / f"{name}-{job}"
-    return {p.stem: p.read_text() for p in sorted(d.glob("*.log"))}
+    return {p.stem: p.read_text(errors="replace") for p in sorted(d.glob("*.log"))}
 
 
 def explain(cluster, batch_log: Path, job_env, name, job) -> str:
@@ -76,11 +77,29 @@ def test_dry_run_prints_each_rank_and_quotes_arguments(tmp_path):
     ranks = [line for line in r.stdout.splitlines() if line.startswith("dry-run ")]
     assert len(ranks) == 4                                       # 2 nodes x 2 tasks
     for rank, line in enumerate(ranks):
-        assert f"RANK={rank} WORLD_SIZE=4 LOCAL_RANK={rank % 2} NODE_RANK={rank // 2}" in line
+        assert f"RANK={rank} WORLD_SIZE=4 LOCAL_RANK={rank % 2} NODE_RANK={rank // 2} OMP_NUM_THREADS=" in line
         assert "MASTER_ADDR=node0 MASTER_PORT=20000" in line
         argv = shlex.split(line.split(": ", 1)[1])
         assert argv[-len(evil) - 4:] == ["python", "-m", "elt_scale.train", "recipes/digits_masked.yaml", *evil]
     assert not marker.exists()
+
+
+def test_dry_run_in_an_allocation_prints_what_each_node_runs(cluster, tmp_path, job_env):
+    job, batch_log = submit_train(cluster, tmp_path, job_env, "run.name=x y", f"run.out_dir={tmp_path}",
+                                  name="elt-dry", dry_run=True)
+    info = cluster.wait(job, timeout=60)
+    text = batch_log.read_text()
+    assert info["JobState"] == "COMPLETED", text + cluster.logs()
+    lines = [line for line in text.splitlines() if line.startswith("dry-run ")]
+    port = 20000 + job % 20000
+    assert [line.split(": ")[0] for line in lines] == ["dry-run n1 rank 0", "dry-run n2 rank 1"], text
+    for rank, line in enumerate(lines):
+        argv = shlex.split(line.split(": ", 1)[1])
+        assert argv[:8] == ["env", f"RANK={rank}", "WORLD_SIZE=2", "LOCAL_RANK=0", f"NODE_RANK={rank}",
+                            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 1)}", "MASTER_ADDR=n1", f"MASTER_PORT={port}"]
+        assert argv[8:12] == ["python", "-m", "elt_scale.train", str(ROOT / "recipes" / "digits_masked.yaml")]
+        assert "run.name=x y" in argv
+    assert not (tmp_path / "x y").exists()                       # nothing trained
 
 
 def test_two_nodes_train_to_completion(cluster, tmp_path, job_env, digits_shards):
@@ -103,7 +122,7 @@ def test_two_nodes_train_to_completion(cluster, tmp_path, job_env, digits_shards
 
 def test_preempted_run_requeues_and_resumes_without_repeating_steps(cluster, tmp_path, job_env, digits_shards):
     """scancel --signal=USR1 reaches every rank (as --signal=USR1@T would): checkpoint, exit 75, requeue."""
-    steps = 60
+    steps = 100
     run = tmp_path / "digits_masked"
     job, batch_log = submit_train(cluster, tmp_path, job_env, f"train.steps={steps}", f"data.shards={digits_shards}",
                                   f"run.out_dir={tmp_path}", name="elt-preempt")
@@ -148,7 +167,7 @@ def test_tokenize_array_equals_one_task_run(cluster, tmp_path, job_env):
                            sbatch_args=[*sb, "--array=3-4", f"--output={tmp_path}/array-%a.out"])
     logs = lambda: "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.rglob("*.out")))  # noqa: E731
     assert cluster.wait(single, timeout=120)["JobState"] == "COMPLETED", logs()
-    cluster._wait_for(lambda: not cluster._out(["squeue", "-h"]).strip(), "array and merge jobs", timeout=120)
+    cluster.wait_all(timeout=120)                                  # both array tasks, then the merge job
     merge_log = Path(job_env["ELT_LOG_DIR"]) / f"elt-tokenize-{array}_merge.out"
     assert merge_log.exists() and "merged rank manifests" in merge_log.read_text(), logs()
     assert sorted(two.glob("manifest.*.rank*.json")) and (two / "manifest.json").exists(), logs()
