@@ -107,7 +107,8 @@ SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
 MinJobAge=600
-JobRequeue=1
+# jobs are not requeueable unless they ask (#SBATCH --requeue): the tests check that the script asks
+JobRequeue=0
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """

@@ -62,6 +62,7 @@ def test_cluster_runs_a_job_on_both_nodes(cluster, tmp_path):
     job = cluster.sbatch(str(script), sbatch_args=["-N2", "--ntasks-per-node=1", f"--output={tmp_path}/out.txt"])
     info = cluster.wait(job, timeout=60)
     assert info["JobState"] == "COMPLETED", cluster.logs()
+    assert info["Requeue"] == "0"                                # the cluster default; train_large.sh asks
     lines = (tmp_path / "out.txt").read_text().split()
     assert lines[:2] == ["n1", "n2"]                             # scontrol show hostnames
     assert sorted(zip(lines[2::2], lines[3::2])) == [("0:", "n1"), ("1:", "n2")]   # one task on each node
@@ -136,7 +137,7 @@ def test_preempted_run_requeues_and_resumes_without_repeating_steps(cluster, tmp
     info = cluster.wait(job, timeout=240)
     why = explain(cluster, batch_log, job_env, "elt-preempt", job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
-    assert info["Restarts"] == "1", why
+    assert info["Restarts"] == "1" and info["Requeue"] == "1", why   # JobRequeue=0: --requeue came from the script
     batch = batch_log.read_text()
     assert "requeueing job" in batch and "restart 1 on 2 nodes" in batch, why
     rank0 = node_logs(job_env, "elt-preempt", job)[f"node0-{socket.gethostname().split('.')[0]}"]
