@@ -131,7 +131,7 @@ def build(args, source):
         kwargs = dict(mode=args.pixel_mode, levels=args.levels)
     elif args.tokenizer == "video-vae":
         kwargs.update(vae_class=args.vae_class)
-    if args.tokenizer != "pixels":
+    if args.tokenizer != "pixels" and args.tokenizer_path:
         kwargs["path"] = args.tokenizer_path
     tok = build_tokenizer(args.tokenizer, **kwargs)
     return tok, tok.output_shape(source.channels, source.grid)

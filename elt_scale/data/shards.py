@@ -8,10 +8,10 @@ import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 MANIFEST = "manifest.json"
 FORMAT = "elt-scale-shards/1"
@@ -54,14 +54,19 @@ class ShardFile:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / shard_name(split, index)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._tar = wds.TarWriter(str(self.tmp), encoder=False)
+        # plain tarfile in GNU format with integer mtimes: no pax header per member (webdataset's
+        # TarWriter writes float mtimes, which doubles the headers a reader parses); still WebDataset
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
         self.count = 0
 
     def write(self, key: str, array: np.ndarray, label: int, source: str | None = None) -> None:
-        sample = {"__key__": key, SAMPLE_MEMBER: encode_npy(array), LABEL_MEMBER: str(int(label)).encode()}
+        members = [(SAMPLE_MEMBER, encode_npy(array)), (LABEL_MEMBER, str(int(label)).encode())]
         if source is not None:
-            sample["key.txt"] = source.encode("utf-8", "backslashreplace")
-        self._tar.write(sample)
+            members.append(("key.txt", source.encode("utf-8", "backslashreplace")))
+        for ext, payload in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(payload))
         self.count += 1
 
     def commit(self, sidecar: dict | None = None) -> None:

@@ -17,7 +17,8 @@ class VQTokenizer:
                  precision: str = "auto", **_):
         self.path, self.subfolder = recorded_path(path), subfolder
         self.device = resolve_device(device)
-        self.compute_dtype = resolve_precision(precision, self.device)
+        # auto = fp32 here: in bf16 the nearest-code search flips codes between near-equidistant entries
+        self.compute_dtype = resolve_precision("fp32" if precision == "auto" else precision, self.device)
         self.model = load_diffusers("VQModel", path, subfolder, self.device, self.compute_dtype)
         self.vocab_size = int(self.model.config.num_vq_embeddings)
         self.dtype = np.int16 if self.vocab_size <= np.iinfo(np.int16).max + 1 else np.int32
