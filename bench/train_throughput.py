@@ -22,7 +22,10 @@ same run. Cases:
             no-fused-adamw  torch AdamW foreach instead of fused
             fp32            train.bf16=false
             sdpa-math / sdpa-efficient / sdpa-flash   force one SDPA backend (default: PyTorch picks)
-            no-overlap-comm ZeRO-2/3 overlap_comm off (on by default on GPU)
+            no-overlap-comm / overlap-comm   force ZeRO-2/3 overlap_comm (default: on when world > 1)
+            loop-sync       add what elt_scale.train's loop does after each step (the flag all-reduce
+                            read back to the host: one device synchronisation per step)
+  A case listed twice is measured twice: the second gives the run-to-run spread ("repeat / first").
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ from elt_scale.models.flops import sequence_length, train_flops_per_sample, trun
 from elt_scale.objectives import build_objective
 from elt_scale.train import train_step
 
-ABLATIONS = ("no-fused-adamw", "fp32", "sdpa-math", "sdpa-efficient", "sdpa-flash", "no-overlap-comm")
+ABLATIONS = ("no-fused-adamw", "fp32", "sdpa-math", "sdpa-efficient", "sdpa-flash", "no-overlap-comm",
+             "overlap-comm", "loop-sync")
 
 
 @dataclass
@@ -79,8 +83,9 @@ def case_recipe(args, case: Case):
     if case.ablate == "fp32":
         overrides.append("train.bf16=false")
     recipe = load_recipe(args.recipe, overrides)
-    if case.ablate == "no-overlap-comm":
-        recipe.deepspeed.extra = {**recipe.deepspeed.extra, "zero_optimization": {"overlap_comm": False}}
+    if case.ablate in ("no-overlap-comm", "overlap-comm"):
+        overlap = case.ablate == "overlap-comm"
+        recipe.deepspeed.extra = {**recipe.deepspeed.extra, "zero_optimization": {"overlap_comm": overlap}}
     return recipe
 
 
@@ -124,7 +129,29 @@ def build_engine(recipe, case: Case):
     return engine, model, build_objective(recipe)
 
 
-def measure(args, case: Case, peak: float) -> dict:
+@contextlib.contextmanager
+def profiled(path):
+    if not path:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu() else [])
+    with profile(activities=activities) as prof:   # noqa: SIM117
+        yield prof
+
+
+def write_profile(prof, path: str, name: str, elapsed: float) -> dict:
+    """Top ops by device time, and roughly how busy the device was (kernel time / wall time; kernels on
+    two streams at once count twice): the first place to look for lost time."""
+    device = "cuda" if on_gpu() else "cpu"
+    table = prof.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=30, max_name_column_width=60)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if on_gpu() else None
+    with open(path, "a") as f:
+        f.write(f"== {name}: 3 profiled steps after the timed ones, {elapsed:.3f} s wall ==\n{table}\n")
+    return {"file": str(path), "device_busy_fraction": kernels / elapsed if kernels is not None else None}
+
+
+def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
     recipe = case_recipe(args, case)
     m = recipe.model
     row = {"name": case.name, "variant": case.variant, "checkpointing": case.checkpointing,
@@ -133,6 +160,7 @@ def measure(args, case: Case, peak: float) -> dict:
            "batch": recipe.train.micro_batch, "zero_stage": recipe.deepspeed.zero_stage,
            "bf16": recipe.train.bf16 and on_gpu()}
     free_memory()
+    held_before = torch.cuda.memory_allocated() if on_gpu() else 0   # anything an earlier case left behind
     engine, model, objective = build_engine(recipe, case)
     row["params_m"] = count_params(model) / 1e6
     batches = synthetic_batches(recipe)
@@ -146,17 +174,29 @@ def measure(args, case: Case, peak: float) -> dict:
         for i in range(args.steps):
             step = args.warmup + i
             loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+            if case.ablate == "loop-sync":
+                from elt_scale.train import agree
+                agree([0.0, 0.0])
         sync()
         elapsed = time.perf_counter() - t0
+        if profile and args.profile:     # extra steps, after the timed ones: the profiler slows them
+            with profiled(args.profile) as prof:
+                t1 = time.perf_counter()
+                for i in range(3):
+                    step = args.warmup + args.steps + i
+                    train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+                sync()
+            row["profile"] = write_profile(prof, args.profile, case.name, time.perf_counter() - t1)
     b = recipe.train.micro_batch
     step_time = elapsed / args.steps
     trunk = 3 * trunk_flops(m, m.loops) * b / step_time / 1e12
     model_tflops = train_flops_per_sample(recipe) * b / step_time / 1e12
     row.update(step_time_s=step_time, img_per_s=b / step_time, tokens_per_s=b * sequence_length(m) / step_time,
                trunk_tflops=trunk, model_tflops=model_tflops, mfu=model_tflops / peak,
-               peak_mem_gb=peak_memory_gb(), loss=float(loss))
+               peak_mem_gb=peak_memory_gb() - held_before / 2**30 if on_gpu() else None, loss=float(loss))
     if not math.isfinite(row["loss"]):
         row["error"] = f"non-finite loss {row['loss']}"
+    engine.destroy()                 # drops ZeRO's hooks and buffers, so the next case starts clean
     del engine, model, objective, batches
     free_memory()
     return row
@@ -173,9 +213,15 @@ def plan(args) -> list[Case]:
 
 def ratios(rows: list[dict]) -> dict:
     """Step-time ratios between cases measured in this run (> 1: the first is slower)."""
-    t = {(r["variant"], r["checkpointing"], r["compile"], r["ablate"]): r["step_time_s"]
-         for r in rows if "step_time_s" in r and "error" not in r}
-    out = {}
+    t, out = {}, {}
+    for r in rows:
+        if "step_time_s" not in r or "error" in r:
+            continue
+        key = (r["variant"], r["checkpointing"], r["compile"], r["ablate"])
+        if key in t:    # the same case again: run-to-run spread
+            out[f"repeat / first [{r['name']}]"] = r["step_time_s"] / t[key]
+        else:
+            t[key] = r["step_time_s"]
     for (v, ck, c, a), time_ in t.items():
         if a:
             ref = t.get((v, ck, c, ""))
@@ -217,6 +263,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=0, help="seconds; skip cases that would start later")
     p.add_argument("--compile-cost", type=float, default=60, help="seconds a compiled case needs at least")
     p.add_argument("--out", help="JSON file, rewritten after each case")
+    p.add_argument("--profile", help="append a torch.profiler table of the first case's timed steps to this file")
     args = p.parse_args(argv)
     if bool(args.recipe) == bool(args.preset):
         p.error("give a recipe or --preset, not both or neither")
@@ -255,12 +302,13 @@ def main(argv=None) -> int:
               "cases": [], "ratios": {}}
     print(f"matmul ceiling: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['size']}³) on {result['meta']['device']}")
     from tqdm import tqdm
-    for case in tqdm(plan(args), desc="train cases", unit="case", disable=None):
+    cases = plan(args)
+    for case in tqdm(cases, desc="train cases", unit="case", disable=None):
         if deadline.left() < (args.compile_cost if case.compile != "off" else 0):
             row = {"name": case.name, "skipped": "time budget"}
         else:
             try:
-                row = measure(args, case, peak["tflops"])
+                row = measure(args, case, peak["tflops"], profile=case is cases[0])
             except Exception as e:         # one failing case (OOM, backend missing) must not lose the rest
                 row = {"name": case.name, "variant": case.variant, "checkpointing": case.checkpointing,
                        "compile": case.compile, "ablate": case.ablate, "error": f"{type(e).__name__}: {e}"[:500]}

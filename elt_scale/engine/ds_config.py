@@ -42,7 +42,8 @@ def make_ds_config(recipe, world: int) -> dict:
     t, d = recipe.train, recipe.deepspeed
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
-        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
+        # one rank has no communication to overlap, and the side stream cost 5% of an H200 step (bench/RESULTS.md)
+        zero.update(overlap_comm=torch.cuda.is_available() and world > 1, contiguous_gradients=True)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_params:
