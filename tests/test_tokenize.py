@@ -1,8 +1,6 @@
 """data_prep/tokenize.py on tiny ImageNet- and UCF-101-shaped trees: messy inputs, skipped list, ranks,
 merge, resume after a crash or a kill."""
-import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -205,7 +203,8 @@ def test_slurm_array_defaults_and_shard_ranges(monkeypatch):
 
 def test_crash_mid_shard_then_rerun_completes_without_duplicates(tmp_path, monkeypatch):
     out = tmp_path / "crash"
-    args = ["--source", "digits", "--split", "val", "--samples-per-shard", "30", "--batch-size", "10", "--out", str(out)]
+    args = ["--source", "digits", "--split", "val", "--samples-per-shard", "30", "--batch-size", "10",
+            "--out", str(out)]
     from elt_scale.tokenizers.pixels import PixelTokenizer
     real, calls = PixelTokenizer.encode, []
 
@@ -287,3 +286,12 @@ def test_cli_help_and_workers(imagenet, tmp_path, capsys):
     assert tokenize.main(["--source", "folder", "--input", str(root / "train"), "--resolution", "8",
                           "--pixel-mode", "identity", "--workers", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert len(read_samples(out)) == truth["readable"]
+
+
+def test_adm_center_crop_keeps_the_centre():
+    from data_prep.decode import center_crop_arr
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:, :16, 0], arr[:, 16:48, 1], arr[:, 48:, 2] = 255, 255, 255     # red | green (centre) | blue
+    out = center_crop_arr(Image.fromarray(arr), 16)
+    assert out.shape == (16, 16, 3)
+    assert (out[..., 1] == 255).all() and (out[..., [0, 2]] == 0).all()

@@ -131,7 +131,8 @@ def test_wan_video_vae(models, ucf, tmp_path):
     clip = VideoDecoder(16, 5, 2)(str(ucf / next(iter(samples.values()))[2]))
     with torch.no_grad():
         mu = wan.encode(clip[None] * 2 - 1).latent_dist.mean
-    mean, std = torch.tensor([0.1, -0.2, 0.0, 0.3]).view(4, 1, 1, 1), torch.tensor([1.5, 2.0, 1.0, 0.5]).view(4, 1, 1, 1)
+    mean = torch.tensor([0.1, -0.2, 0.0, 0.3]).view(4, 1, 1, 1)
+    std = torch.tensor([1.5, 2.0, 1.0, 0.5]).view(4, 1, 1, 1)
     torch.testing.assert_close(z[0].float(), (mu[0] - mean) / std, atol=3e-3, rtol=3e-3)
     with pytest.raises(ValueError, match="1 \\+ 4k"):                       # 4 frames do not survive Wan
         run(*common, "--frames", "4", "--out", str(tmp_path / "wan4"))
