@@ -67,7 +67,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   SLURM_JOB_ID=0 SLURM_JOB_NAME=elt-train
 else
   mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-1}"
+  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / ${#NODES[@]}))}"   # --ntasks-per-node, or spread --ntasks
 fi
 
 export MASTER_ADDR="${NODES[0]}"
