@@ -99,6 +99,19 @@ def test_all_shards_corrupt_is_an_error_not_a_hang(tmp_path):
         next(make_loader(recipe(shards)))
 
 
+@pytest.mark.timeout(60)
+def test_shards_vanishing_mid_run_is_an_error_not_a_hang(tmp_path):
+    shards = write_shards(tmp_path / "s", n=100)
+    loader = make_loader(recipe(shards))
+    next(loader)
+    for p in shards.glob("*.tar"):
+        p.unlink()
+    with pytest.raises(ShardError, match="no readable samples"):
+        for _ in range(100):
+            next(loader)
+    assert loader.bad_shards >= 2
+
+
 def test_manifest_recipe_mismatch_fails_before_training(tmp_path):
     shards = write_shards(tmp_path / "s")
     with pytest.raises(ValueError, match=r"\[8, 8\] != recipe's \[16, 16\]"):

@@ -65,7 +65,7 @@ class ShardStream(IterableDataset):
     """Infinite stream of ready micro-batches (inputs, labels) for one (rank, worker) slot.
 
     Batches are built inside the worker (one np.stack per batch instead of a collate per sample), and
-    `skip_batches` fast-forwards a resumed stream without decoding or shipping what it skips."""
+    `skip_batches` fast-forwards a resumed stream: what it skips is read but never batched or shipped."""
 
     def __init__(self, paths: list[str], seed: int, rank: int, world: int, shuffle_buffer: int,
                  kind: str, strict: bool, batch_size: int = 1, skip_batches: int = 0):
@@ -155,7 +155,7 @@ class ShardStream(IterableDataset):
                     i = rng.randrange(len(buffer))
                     buffer[i], item = item, buffer[i]
                     yield item
-            if got == 0 and not buffer:
+            if got == 0:    # nothing readable this epoch: fail rather than spin forever on an empty stream
                 raise ShardError(f"no readable samples in {len(mine)} shard(s) for slot {slot} "
                                  f"(first: {mine[0] if mine else 'none'})")
             epoch += 1      # the shuffle buffer carries over, so the stream stays continuous
