@@ -116,10 +116,11 @@ def test_exact_resume_zero3(straight, tmp_path, digits_shards):
     assert_same_state(ref, tmp_path / "z3", STEPS)                    # weights and EMA
 
 
-def wait_for_step(run_dir, step, proc, timeout=300):
-    t0 = time.time()
+def wait_for_step(run_dir, step, proc, old_inode, timeout=300):
+    """Until the resumed run (which rewrites metrics.jsonl, so a new inode) has logged `step`."""
+    t0, path = time.time(), run_dir / "metrics.jsonl"
     while time.time() - t0 < timeout and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in read_metrics(run_dir)):
+        if path.stat().st_ino != old_inode and any(r["step"] >= step for r in read_metrics(run_dir)):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} never logged (rc={proc.poll()})")
@@ -145,10 +146,11 @@ def test_killed_save_then_preemption_then_exact_resume_zero2(straight, tmp_path,
     victim = sorted(half_written.glob("*optim_states.pt"))[-1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
+    inode = (run / "metrics.jsonl").stat().st_ino
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen(train_cmd("digits_masked.yaml", *a, nprocs=2), cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_step(run, 2, proc)
+    wait_for_step(run, 2, proc, inode)
     pids = rank_pids(proc)
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGUSR1)
