@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 from data_prep.plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
                             rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
-from elt_scale.data.shards import FORMAT, ShardFile, write_json  # noqa: E402
+from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json  # noqa: E402
 from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
 
 # settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)
@@ -176,6 +176,15 @@ def write_shards(args, out: Path, source, tok, pending, expects: dict) -> tuple[
     return written, skipped
 
 
+def check_out_dir(out: Path, config_hash: str) -> None:
+    """Fail before any work when --out already holds shards made with other settings."""
+    if (out / MANIFEST).exists():
+        old = read_manifest(out).get("config_hash")
+        if old != config_hash:
+            raise SystemExit(f"{out / MANIFEST} was written with other settings (config_hash {old} != "
+                             f"{config_hash}); use another --out or delete it")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -188,6 +197,10 @@ def main(argv=None) -> int:
     items = add_flips(source.items) if args.flip else source.items
     assign_keys(items)
     source.items = items
+    if not items:
+        raise SystemExit(f"no inputs for {args.source}/{args.split} under {args.input}"
+                         f" ({len(source.skipped)} refused: {source.skipped[:3]})")
+    check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
     tok, shape = build(args, source)
     shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
     split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS)

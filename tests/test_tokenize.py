@@ -246,9 +246,10 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
 
 def test_rerun_with_other_settings_refuses_to_mix(tmp_path):
     out = tmp_path / "mixed"
-    assert tok("--source", "digits", "--split", "val", "--out", str(out)) == 0
+    rank = ["--rank", "0", "--world-size", "2"]        # no manifest.json yet: the shards' sidecars catch it
+    assert tok("--source", "digits", "--split", "val", *rank, "--out", str(out)) == 0
     with pytest.raises(RuntimeError, match="different input list or settings"):
-        tok("--source", "digits", "--split", "val", "--levels", "9", "--out", str(out))
+        tok("--source", "digits", "--split", "val", "--levels", "9", *rank, "--out", str(out))
 
 
 def test_ucf101_splits_case_mismatch_and_bad_clips(ucf, tmp_path):
@@ -295,3 +296,14 @@ def test_adm_center_crop_keeps_the_centre():
     out = center_crop_arr(Image.fromarray(arr), 16)
     assert out.shape == (16, 16, 3)
     assert (out[..., 1] == 255).all() and (out[..., [0, 2]] == 0).all()
+
+
+def test_out_dir_from_other_settings_and_empty_input_fail_early(tmp_path):
+    out = tmp_path / "o"
+    assert tok("--source", "digits", "--split", "val", "--out", str(out)) == 0
+    with pytest.raises(SystemExit, match="other settings"):        # before any shard is written
+        tok("--source", "digits", "--split", "train", "--levels", "9", "--out", str(out))
+    assert not list(out.glob("train-*"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no inputs"):
+        tok("--source", "folder", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "e"))
