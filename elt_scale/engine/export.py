@@ -1,10 +1,12 @@
-"""Consolidate a run's DeepSpeed checkpoint into one safetensors file, and load models for sampling.
+"""Consolidate a run's checkpoint (any ZeRO stage, any world size) into one safetensors file, and load
+models for sampling.
 
-    elt-export RUN_DIR [--ema] --out model.safetensors
+    elt-export RUN_DIR [--ema] [--tag step_00001000] --out model.safetensors
 
 The recipe travels inside the safetensors metadata, so `load_model(model.safetensors)` needs nothing
-else: no DeepSpeed, no pickles. DeepSpeed checkpoints themselves are pickles and are trusted-only:
-they are read only from a run's own directory or an explicit train.resume=PATH."""
+else: no DeepSpeed, no pickles. With --ema the parameters are the fp32 EMA (consolidated from every
+rank's EMA shard); buffers come from the raw weights. DeepSpeed checkpoints themselves are pickles and
+are trusted-only: they are read only from a run's own directory or an explicit train.resume=PATH."""
 from __future__ import annotations
 
 import argparse
@@ -16,47 +18,53 @@ import yaml
 
 from ..config import Recipe, load_recipe, recipe_to_dict
 from ..models import build_model
+from . import checkpoint as ckpt
+from .ema import consolidate as consolidate_ema
 
 
 def latest_tag(ckpt_dir: Path) -> str:
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
+    tag = ckpt.read_pointer(ckpt_dir)
+    if tag is None:
         raise FileNotFoundError(f"{ckpt_dir}: no 'latest' checkpoint pointer (has this run saved a checkpoint?)")
-    return latest.read_text().strip()
+    return tag
 
 
-def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (trusted input: full unpickling)."""
+def consolidated_state_dict(run_dir: str | Path, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 weights (or EMA weights) of a run's checkpoint `tag` (default: the latest complete one)."""
     ckpt_dir = Path(run_dir) / "ckpt"
-    tag = tag or latest_tag(ckpt_dir)
-    folder = ckpt_dir / tag
-    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    folder = ckpt_dir / (tag or latest_tag(ckpt_dir))
+    state = ckpt.consolidated_weights(folder)
+    if ema:
+        averaged = consolidate_ema(folder)
+        missing = sorted(set(averaged) - set(state))
+        if missing:
+            raise KeyError(f"{folder}: EMA names {missing[:3]} are not parameters of the checkpoint")
+        state.update(averaged)
+    return state
 
 
-def export(run_dir: str | Path, out: str | Path, ema: bool = False) -> Path:
+def export(run_dir: str | Path, out: str | Path, ema: bool = False, tag: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    if ema:
-        raise NotImplementedError("EMA export arrives with the EMA engine")
-    state = consolidated_state_dict(run_dir)
-    meta = {"recipe": yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), "ema": str(ema).lower()}
+    state = consolidated_state_dict(run_dir, tag, ema)
+    meta = {"recipe": yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), "ema": str(ema).lower(),
+            "tag": tag or latest_tag(run_dir / "ckpt")}
     out = Path(out)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.replace(out)                      # an interrupted export never leaves a half file under the name
     return out
 
 
 def load_model(path: str | Path, ema: bool = False, device: str | torch.device = "cpu"):
-    """A safetensors export or a run directory -> (model in eval mode, recipe). No DeepSpeed engine."""
+    """A safetensors export or a run directory -> (model in eval mode, recipe). No DeepSpeed engine.
+    `ema` selects the EMA weights of a run directory; an export holds whichever it was written with."""
     path = Path(path)
     if path.is_dir():
         recipe = load_recipe(path / "recipe.yaml")
-        state = consolidated_state_dict(path)
+        state = consolidated_state_dict(path, ema=ema)
     else:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -65,6 +73,8 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
             meta = f.metadata() or {}
         if "recipe" not in meta:
             raise ValueError(f"{path}: no recipe in the safetensors metadata (not written by elt-export?)")
+        if ema and meta.get("ema") != "true":
+            raise ValueError(f"{path}: exported without --ema; it holds the raw weights")
         recipe = recipe_from_text(meta["recipe"])
         state = load_file(str(path))
     model = build_model(recipe)
@@ -85,12 +95,17 @@ def recipe_from_text(text: str) -> Recipe:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="elt-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory (holds recipe.yaml and ckpt/)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (needs train.ema_decay > 0)")
+    p.add_argument("--tag", default=None, help="checkpoint folder under ckpt/ (default: the latest complete one)")
     args = p.parse_args(argv)
-    out = export(args.run_dir, args.out, args.ema)
-    print(f"elt-export: wrote {out}")
+    try:
+        out = export(args.run_dir, args.out, args.ema, args.tag)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"elt-export: {e}", file=sys.stderr)
+        return 1
+    print(f"elt-export: wrote {out} ({'EMA' if args.ema else 'raw'} weights of {args.run_dir})")
     return 0
 
 
