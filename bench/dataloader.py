@@ -8,10 +8,13 @@ Protocol
 2. Loader: `make_loader` from a recipe matching each shape, micro-batch 64, shuffle buffer 1,000,
    num_workers 0 (the main process is the single worker: this is the per-worker number) and, with
    --workers N, N worker processes. 30 batches warm-up, then samples/s over the next --batches batches.
-   Each configuration runs --repeats times; the median is reported.
+   Each configuration runs --repeats times; the median is reported. Resume cost: the samples/s one
+   worker fast-forwards through when a loader is made at position 500 (32,000 samples).
 3. Tokenization: data_prep/tokenize.py with the pixels tokenizer over (a) the built-in digits
    (1617 images) and (b) a folder of 512 generated 64x48 JPEGs at --resolution 32, --workers 0 and
-   --workers 2; files/s = inputs / wall time of main() (source listing included).
+   --workers 2; files/s = inputs / wall time of main(), so start-up is included (source listing,
+   and for digits scikit-learn's import and load_digits, about a second); tqdm's bar shows the
+   steady rate.
 Report the machine (CPU model, core count) with the numbers; the target is >= 3,000 latent samples/s
 per worker on the 2-core CPU machine.
 
@@ -77,6 +80,15 @@ def loader_rate(shards: Path, overrides: list[str], workers: int, batches: int) 
     return rate
 
 
+def skip_rate(shards: Path, overrides: list[str], batches: int = 500) -> float:
+    """Resume cost: samples/s a worker fast-forwards through (make_loader(position=...) to first batch)."""
+    recipe = load_recipe(None, [f"data.shards={shards}", "data.shuffle_buffer=1000", "train.micro_batch=64",
+                                "model.num_classes=1000", *overrides])
+    t = time.perf_counter()
+    next(make_loader(recipe, position=batches))
+    return (batches + 1) * 64 / (time.perf_counter() - t)
+
+
 def tokenize_rate(args: list[str], n: int) -> float:
     from data_prep import tokenize
     with tempfile.TemporaryDirectory() as out:
@@ -115,6 +127,7 @@ def main() -> None:
             per = "per worker" if workers == 0 else f"with {workers} workers"
             print(f"loader {name:28s} {per:16s} {statistics.median(rates):9.0f} samples/s "
                   f"(runs: {', '.join(f'{r:.0f}' for r in rates)})")
+        print(f"resume fast-forward {name:16s} per worker      {skip_rate(shards, overrides):9.0f} samples/s")
     if not a.skip_tokenize:
         make_jpegs(root / "jpegs")
         for workers in (0, 2):
