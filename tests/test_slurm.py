@@ -64,7 +64,8 @@ def explain(cluster, batch_log: Path, job_env, name, job) -> str:
 
 def test_cluster_runs_a_job_on_both_nodes(cluster, tmp_path):
     script = tmp_path / "hosts.sh"
-    script.write_text('#!/bin/bash\nscontrol show hostnames "$SLURM_JOB_NODELIST"\nsrun --label printenv SLURMD_NODENAME\n')
+    script.write_text('#!/bin/bash\nscontrol show hostnames "$SLURM_JOB_NODELIST"\n'
+                      'srun --label printenv SLURMD_NODENAME\n')
     job = cluster.sbatch(str(script), sbatch_args=["-N2", "--ntasks-per-node=1", f"--output={tmp_path}/out.txt"])
     info = cluster.wait(job, timeout=60)
     assert info["JobState"] == "COMPLETED", cluster.logs()
@@ -102,8 +103,9 @@ def test_dry_run_in_an_allocation_prints_what_each_node_runs(cluster, tmp_path, 
     assert [line.split(": ")[0] for line in lines] == ["dry-run n1 rank 0", "dry-run n2 rank 1"], text
     for rank, line in enumerate(lines):
         argv = shlex.split(line.split(": ", 1)[1])
+        threads = os.environ.get("OMP_NUM_THREADS", 1)            # --cpus-per-task=1 unless already set
         assert argv[:8] == ["env", f"RANK={rank}", "WORLD_SIZE=2", "LOCAL_RANK=0", f"NODE_RANK={rank}",
-                            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 1)}", "MASTER_ADDR=n1", f"MASTER_PORT={port}"]
+                            f"OMP_NUM_THREADS={threads}", "MASTER_ADDR=n1", f"MASTER_PORT={port}"]
         assert argv[8:12] == ["python", "-m", "elt_scale.train", str(ROOT / "recipes" / "digits_masked.yaml")]
         assert "run.name=x y" in argv
     assert not (tmp_path / "x y").exists()                       # nothing trained
@@ -171,13 +173,16 @@ def test_tokenize_array_equals_one_task_run(cluster, tmp_path, job_env):
     single = cluster.sbatch("slurm/tokenize.sh", *args, "--out", str(one), env=job_env, cwd=ROOT,
                             sbatch_args=[*sb, f"--output={tmp_path}/single.out"])
     array = cluster.sbatch("slurm/tokenize.sh", *args, "--out", str(two), env=job_env, cwd=ROOT,
-                           sbatch_args=[*sb, "--array=3-4", f"--output={tmp_path}/array-%a.out"])
-    logs = lambda: "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.rglob("*.out")))  # noqa: E731
+                           sbatch_args=[*sb, "--array=3-4", f"--output={tmp_path}/array-%a.out"])  # ranks 0, 1
+
+    def logs():
+        return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.rglob("*.out")))
+
     assert cluster.wait(single, timeout=120)["JobState"] == "COMPLETED", logs()
     cluster.wait_all(timeout=120)                                  # both array tasks, then the merge job
     merge_log = Path(job_env["ELT_LOG_DIR"]) / f"elt-tokenize-{array}_merge.out"
     assert merge_log.exists() and "merged rank manifests" in merge_log.read_text(), logs()
-    assert sorted(two.glob("manifest.*.rank*.json")) and (two / "manifest.json").exists(), logs()
+    assert len(list(two.glob("manifest.train.rank*.json"))) == 2 and (two / "manifest.json").exists(), logs()
     a, b = shard_members(one), shard_members(two)
     assert len(a) == 3 * json.loads((one / "manifest.json").read_text())["splits"]["train"]["num_samples"]
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)      # same samples, byte for byte
