@@ -24,8 +24,8 @@ def train_table(title: str, result: dict) -> list[str]:
     meta = result["meta"]
     lines = [f"### {title}: {meta.get('preset')} on {meta['device']} ({meta['date']}, commit {meta['commit']})",
              f"matmul ceiling measured in the same run: {meta['matmul_peak']['tflops']:.0f} TFLOP/s "
-             f"({meta['matmul_peak']['dtype']} {meta['matmul_peak']['size']}³); {meta['steps']} timed steps "
-             f"after {meta['warmup']} warm-up steps per case", "",
+             f"({meta['matmul_peak']['dtype']} {meta['matmul_peak']['size']}³); per case {meta['warmup']} warm-up steps, "
+             f"then {meta.get('windows', 1)} window(s) of {meta['steps']} timed steps (median window)", "",
              "| case | shape | ms/step | img/s | trunk TFLOP/s | MFU | peak GB | first steps s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["cases"]:

@@ -8,8 +8,8 @@
 Every case builds the model from a recipe, wraps it with deepspeed.initialize and the recipe's DeepSpeed
 config, and times elt_scale.train.train_step on synthetic batches of the recipe's shape: what a user's
 run gets, minus data loading (bench/dataloader.py measures that). Protocol: `--warmup` steps (which
-include torch.compile), then `--steps` steps between two device synchronisations; step time = elapsed /
-steps. FLOPs are model FLOPs (elt_scale.models.flops: 3× forward, recomputation from checkpointing is
+include torch.compile), then `--windows` windows of `--steps` steps, each between two device
+synchronisations; step time = the median window's elapsed / steps. FLOPs are model FLOPs (elt_scale.models.flops: 3× forward, recomputation from checkpointing is
 not counted), so checkpointing shows up as lower TFLOP/s. MFU is against a bf16 matmul measured in the
 same run. Cases:
 
@@ -23,6 +23,7 @@ same run. Cases:
             fp32            train.bf16=false
             sdpa-math / sdpa-efficient / sdpa-flash   force one SDPA backend (default: PyTorch picks)
             no-overlap-comm / overlap-comm   force ZeRO-2/3 overlap_comm (default: on when world > 1)
+            zero0 / zero1   another ZeRO stage than the recipe's (one GPU: partitioning saves nothing)
             loop-sync       add what elt_scale.train's loop does after each step (the flag all-reduce
                             read back to the host: one device synchronisation per step)
   A case listed twice is measured twice: the second gives the run-to-run spread ("repeat / first").
@@ -49,7 +50,7 @@ from elt_scale.objectives import build_objective
 from elt_scale.train import train_step
 
 ABLATIONS = ("no-fused-adamw", "fp32", "sdpa-math", "sdpa-efficient", "sdpa-flash", "no-overlap-comm",
-             "overlap-comm", "loop-sync")
+             "overlap-comm", "loop-sync", "zero0", "zero1")
 
 
 @dataclass
@@ -82,6 +83,8 @@ def case_recipe(args, case: Case):
         f"train.checkpointing={case.checkpointing}"] + case.overrides
     if case.ablate == "fp32":
         overrides.append("train.bf16=false")
+    if case.ablate in ("zero0", "zero1"):
+        overrides.append(f"deepspeed.zero_stage={case.ablate[-1]}")
     recipe = load_recipe(args.recipe, overrides)
     if case.ablate in ("no-overlap-comm", "overlap-comm"):
         overlap = case.ablate == "overlap-comm"
@@ -145,7 +148,8 @@ def write_profile(prof, path: str, name: str, elapsed: float) -> dict:
     two streams at once count twice): the first place to look for lost time."""
     device = "cuda" if on_gpu() else "cpu"
     table = prof.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=30, max_name_column_width=60)
-    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if on_gpu() else None
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6 if on_gpu() else None
     with open(path, "a") as f:
         f.write(f"== {name}: 3 profiled steps after the timed ones, {elapsed:.3f} s wall ==\n{table}\n")
     return {"file": str(path), "device_busy_fraction": kernels / elapsed if kernels is not None else None}
@@ -170,25 +174,28 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
             loss, *_ = train_step(engine, objective, batches[i % len(batches)], recipe, i, 0, 0)
         sync()
         row["warmup_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            step = args.warmup + i
-            loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
-            if case.ablate == "loop-sync":
-                from elt_scale.train import agree
-                agree([0.0, 0.0])
-        sync()
-        elapsed = time.perf_counter() - t0
+        windows = []
+        for w in range(args.windows):
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                step = args.warmup + w * args.steps + i
+                loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+                if case.ablate == "loop-sync":
+                    from elt_scale.train import agree
+                    agree([0.0, 0.0])
+            sync()
+            windows.append((time.perf_counter() - t0) / args.steps)
         if profile and args.profile:     # extra steps, after the timed ones: the profiler slows them
             with profiled(args.profile) as prof:
                 t1 = time.perf_counter()
                 for i in range(3):
-                    step = args.warmup + args.steps + i
+                    step = args.warmup + args.windows * args.steps + i
                     train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
                 sync()
             row["profile"] = write_profile(prof, args.profile, case.name, time.perf_counter() - t1)
     b = recipe.train.micro_batch
-    step_time = elapsed / args.steps
+    step_time = sorted(windows)[len(windows) // 2]     # median window: a GC pause or clock dip moves it less
+    row["window_step_times_s"] = windows
     trunk = 3 * trunk_flops(m, m.loops) * b / step_time / 1e12
     model_tflops = train_flops_per_sample(recipe) * b / step_time / 1e12
     row.update(step_time_s=step_time, img_per_s=b / step_time, tokens_per_s=b * sequence_length(m) / step_time,
@@ -257,7 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", type=split, default=[],
                    help="explicit ordered cases VARIANT:CKPT:COMPILE[:ABLATE], e.g. ilsd:none:layer,vanilla:loop:off "
                         "(replaces the --compare × --checkpointing × --compile grid and --ablate)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    p.add_argument("--windows", type=int, default=1, help="timed windows per case; step time = the median window's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case (compilation happens here)")
     p.add_argument("--tiny", action="store_true", help="shrink the model to run on a CPU in seconds")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; skip cases that would start later")
@@ -298,7 +306,7 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_budget)
     peak = matmul_peak_tflops(256 if args.tiny else None)
     result = {"meta": {**device_facts(), "preset": args.preset, "recipe": args.recipe, "steps": args.steps,
-                       "warmup": args.warmup, "overrides": args.base_overrides, "matmul_peak": peak},
+                       "warmup": args.warmup, "windows": args.windows, "overrides": args.base_overrides, "matmul_peak": peak},
               "cases": [], "ratios": {}}
     print(f"matmul ceiling: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['size']}³) on {result['meta']['device']}")
     from tqdm import tqdm
