@@ -228,8 +228,8 @@ def test_crash_mid_shard_then_rerun_completes_without_duplicates(tmp_path, monke
 def test_sigkill_mid_run_then_rerun(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", "digits", "--samples-per-shard", "50",
-           "--batch-size", "2", "--workers", "0", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--workers", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd + ["--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (out / "train-000002.tar").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.002)
@@ -237,7 +237,7 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     proc.wait()
     assert not (out / "manifest.json").exists(), "run finished before it could be killed"
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--batch-size", "64"], capture_output=True, text=True)   # batch size: not a setting
     assert r.returncode == 0, r.stderr
     assert f"{len(done_before)} already done" in r.stdout
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in done_before.items())   # kept, not rewritten
