@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--source", choices=sorted(SOURCES), help="dataset reader (see data_prep/sources.py)")
     p.add_argument("--input", default=None, help="dataset root (not needed for digits)")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    p.add_argument("--split", default="train", help="train | val | test (ucf101: train | test)")
+    p.add_argument("--split", default=None,
+                   help="train (default) | val | test (ucf101: train | test); with --merge: only this split")
     g = p.add_argument_group("sources")
     g.add_argument("--resolution", type=int, default=256, help="side of the centre-cropped square (pixels)")
     g.add_argument("--flip", action="store_true", help="also write a horizontally flipped copy of each input")
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.merge and not args.source:
         p.error("--source is required (unless --merge)")
+    if not args.merge:
+        args.split = args.split or "train"
     return args
 
 
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.merge:
-        splits = merge_ranks(out, None)
+        splits = merge_ranks(out, args.split)
         print(f"merged rank manifests of split(s) {', '.join(splits)} into {out / 'manifest.json'}")
         return 0
     start = time.time()

@@ -175,6 +175,8 @@ def test_two_ranks_equal_one_rank_and_merge(imagenet, tmp_path, monkeypatch):
     for rank in (1, 0):
         assert tok(*common, "--rank", str(rank), "--world-size", "2", "--out", str(tmp_path / "two")) == 0
     assert not (tmp_path / "two" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="split 'val'"):             # --split narrows a merge
+        tokenize.main(["--merge", "--split", "val", "--out", str(tmp_path / "two")])
     assert tokenize.main(["--merge", "--out", str(tmp_path / "two")]) == 0
     one, two = read_samples(tmp_path / "one"), read_samples(tmp_path / "two")
     assert sorted(one) == sorted(two)
