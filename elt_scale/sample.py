@@ -8,7 +8,10 @@ a per-step ramp `6>2`, piecewise `6/4/2`, or adaptive `auto:0.02` (see elt_scale
 
 Under torchrun/deepspeed (RANK/WORLD_SIZE set) each process samples its share of the batches and rank 0
 writes the merged files; sample i depends only on (seed, i), so the result does not depend on the number
-of processes."""
+of processes:
+
+    torchrun --nproc_per_node 8 -m elt_scale.sample RUN_DIR --loops 1-4 -n 50000 --out samples/
+"""
 from __future__ import annotations
 
 import argparse
@@ -117,10 +120,10 @@ def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: in
     scale = max(1, int(np.ceil(min_side / max(h, w))))
     frames = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in canvas]
     if t == 1:
-        path = path.with_suffix(".png")
+        path = path.parent / f"{path.name}.png"          # not with_suffix: names like grid_Lauto0.1
         frames[0].save(path)
     else:
-        path = path.with_suffix(".gif")
+        path = path.parent / f"{path.name}.gif"
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
     return path
 
@@ -175,7 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("model", help="run directory (latest checkpoint) or an elt-export .safetensors file")
     p.add_argument("--loops", default=None, help="comma-separated loop specs, e.g. 1,2,4 or 1-6 or 6>2,auto:0.02 "
                                                  "(default: the trained L_max)")
-    p.add_argument("--num", type=int, default=64, help="samples per loop spec")
+    p.add_argument("-n", "--num", "--num-samples", dest="num", type=int, default=64,
+                   help="samples per loop spec (under torchrun write -n or --num-samples: torchrun reads "
+                        "a bare --num as an abbreviation of its own --numa-binding)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: MaskGIT 24 images / 12 video; DDPM 512; DDIM 50)")

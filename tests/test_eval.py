@@ -1,0 +1,192 @@
+"""elt-sample and elt-eval: ADM .npz layout, FID/IS/FVD with tiny local feature networks, missing
+weights fail fast without downloads, the digits classifier, multi-process sampling, the any-time sweep."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from elt_scale import evaluate, sample
+from elt_scale.metrics import MissingWeightsError, frechet_distance, fvd, inception_score, load_i3d, load_inception
+from elt_scale.metrics.digits import digits_metrics, load_classifier, real_digits, real_digits_uint8
+from tests.conftest import ROOT, _free_port, run_train
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny stand-ins for Inception and I3D, saved as TorchScript and loaded through the real code path
+
+class TinyInception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+        h = torch.relu(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
+        return h if return_features else self.fc(h).softmax(-1)
+
+
+class TinyI3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = True, return_features: bool = True):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
+
+
+def scripted(module: nn.Module, path) -> str:
+    torch.manual_seed(0)
+    torch.jit.script(module).save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("weights")
+    return {"inception": scripted(TinyInception(), d / "inception.pt"), "i3d": scripted(TinyI3D(), d / "i3d.pt")}
+
+
+def noise_images(n, shape=(8, 8), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+def test_fid_of_a_set_with_itself_is_zero_and_against_noise_large(weights):
+    real = real_digits_uint8()[:400]
+    features = load_inception(weights["inception"], "features")
+    self_fid = frechet_distance(real, real, features)
+    other_half = frechet_distance(real[:200], real_digits_uint8()[400:600], features)
+    noise_fid = frechet_distance(noise_images(400), real, features)
+    assert abs(self_fid) < 1e-3
+    assert noise_fid > 20 * max(other_half, 1e-3) and noise_fid > 0.1
+    mean, _ = inception_score(real, load_inception(weights["inception"], "logits"), splits=2)
+    assert 1.0 <= mean <= 10.0
+
+
+def test_fvd_on_16_frame_clips(weights):
+    rng = np.random.default_rng(0)
+    level = rng.integers(0, 100, (24, 1, 1, 1, 1))
+    smooth = np.broadcast_to(level, (24, 16, 8, 8, 3)).astype(np.uint8)        # flat dark videos
+    i3d = load_i3d(weights["i3d"])
+    assert abs(fvd(smooth, smooth, i3d)) < 1e-3
+    assert fvd(rng.integers(0, 256, (24, 16, 8, 8, 3), dtype=np.uint8), smooth, i3d) > 0.1
+    with pytest.raises(ValueError, match="16-frame"):
+        fvd(smooth[:, :8], smooth[:, :8], i3d)
+
+
+def test_missing_weights_fail_fast_without_download(monkeypatch, tmp_path):
+    def no_network(*a, **k):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    real = real_digits_uint8()[:20]
+    for weights_path in (None, tmp_path / "missing.pt"):
+        with pytest.raises(MissingWeightsError, match="--inception-weights"):
+            evaluate.measure(real, None, "fid", real, inception_weights=weights_path)
+        with pytest.raises(MissingWeightsError, match="--i3d-weights"):
+            evaluate.measure(np.zeros((2, 16, 8, 8, 3), np.uint8), None, "fvd", real, i3d_weights=weights_path)
+    # the CLI: a clear message and exit code 2, quickly (the timeout would catch a hang)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=real, arr_1=np.zeros(20, np.int64))
+    r = subprocess.run([sys.executable, "-m", "elt_scale.evaluate", "fid", str(npz), "--reference", str(npz)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--inception-weights" in r.stderr and "never downloads" in r.stderr
+
+
+def test_digits_classifier_is_cached_and_separates_digits_from_noise(tmp_path, monkeypatch):
+    clf = load_classifier(tmp_path)
+    assert (tmp_path / "digits_classifier_v1.npz").exists() and clf.val_accuracy > 0.9
+    import elt_scale.metrics.digits as digits
+    monkeypatch.setattr(digits, "train_classifier", lambda: pytest.fail("retrained despite the cache"))
+    clf = load_classifier(tmp_path)
+    _, labels = real_digits()
+    good = digits_metrics(real_digits_uint8()[1::10], labels[1::10], clf)
+    bad = digits_metrics(noise_images(180), labels[1::10], clf)
+    assert good["class_acc"] > 0.95 and bad["class_acc"] < 0.3
+    assert bad["fd_digits"] > 10 * good["fd_digits"]
+
+
+def test_reference_images_from_shards_match_the_digits(digits_shards):
+    ref = evaluate.load_reference(digits_shards, limit=50)
+    images, _ = real_digits()
+    assert ref.dtype == np.uint8 and ref.shape == (50, 8, 8, 3)
+    known = {np.round(im * 255).astype(np.uint8).tobytes() for im in images}
+    assert all(r[..., 0].tobytes() in known for r in ref)              # decoded back to the real digits
+    assert len({r.tobytes() for r in ref}) > 45
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny trained run: elt-sample and elt-eval anytime end to end
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, digits_shards):
+    out = tmp_path_factory.mktemp("runs")
+    r = run_train("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={out}", "train.steps=20",
+                  "model.width=32", "train.log_every=10", "train.save_every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "digits_masked"
+
+
+def test_elt_sample_writes_adm_npz_and_grids(trained_run, tmp_path):
+    out = tmp_path / "s"
+    assert sample.main([str(trained_run), "--loops", "1,5,auto:0.1", "--num", "12", "--steps", "4",
+                        "--batch-size", "8", "--cfg", "2", "--out", str(out)]) == 0
+    for label in ("L1", "L5", "Lauto0.1"):
+        with np.load(out / f"samples_{label}.npz") as f:
+            assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (12, 8, 8, 3)
+            assert f["arr_1"].tolist() == [i % 10 for i in range(12)]
+            assert np.array_equal(f["arr_0"][..., 0], f["arr_0"][..., 2])      # grey repeated to RGB
+        from PIL import Image
+        assert Image.open(out / f"grid_{label}.png").size[0] >= 64
+    again = tmp_path / "again"
+    sample.main([str(trained_run), "--loops", "1", "--num", "12", "--steps", "4", "--batch-size", "8", "--cfg", "2",
+                 "--out", str(again)])
+    assert np.array_equal(np.load(out / "samples_L1.npz")["arr_0"], np.load(again / "samples_L1.npz")["arr_0"])
+
+
+@pytest.mark.multiproc
+def test_two_processes_split_the_samples_and_match_one(trained_run, tmp_path):
+    common = ["--loops", "2", "-n", "10", "--steps", "3", "--batch-size", "4", "--seed", "3"]
+    sample.main([str(trained_run), *common, "--out", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "elt_scale.sample", str(trained_run), *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)         # own process group: a timeout kills the workers too
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    one, two = np.load(tmp_path / "one" / "samples_L2.npz"), np.load(tmp_path / "two" / "samples_L2.npz")
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    assert not list((tmp_path / "two").glob(".part_*"))
+
+
+def test_anytime_sweep_writes_csv_and_plot(trained_run, tmp_path):
+    from elt_scale.engine.export import export
+    exported = export(trained_run, tmp_path / "model.safetensors")
+    out = tmp_path / "anytime"
+    rc = evaluate.main(["anytime", str(trained_run), "--compare", str(exported), "--loops", "1-2,auto:0.2",
+                        "--num", "20", "--steps", "4", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "anytime.csv")))
+    assert [(r["run"], r["L"]) for r in rows] == [(run, L) for run in ("digits_masked", "model")
+                                                  for L in ("1", "2", "auto:0.2")]
+    for r in rows:
+        assert 0 <= float(r["class_acc"]) <= 1 and float(r["fd_digits"]) >= 0 and float(r["wall_s"]) > 0
+    g = [float(r["gflops_per_sample"]) for r in rows[:2]]
+    assert g[1] > 1.5 * g[0]                                            # twice the trunk loops
+    assert rows[0]["fd_digits"] == rows[3]["fd_digits"]                 # the export is the same model
+    assert 1.0 <= float(rows[2]["loops_per_step"]) <= 6.0              # auto: at most L_max + 2
+    from PIL import Image
+    assert Image.open(out / "anytime.png").size[0] > 500
