@@ -33,7 +33,7 @@ from .files import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, strip_suffix, unique_keys
 SYNSET = re.compile(r"n\d{8}")
 
 
-@dataclass
+@dataclass(slots=True)        # ImageNet lists 1.28M of these
 class Item:
     name: str                   # raw name the key derives from (sanitised + made unique by assign_keys)
     ref: Any                    # what `Source.decode` reads: a path or an index
