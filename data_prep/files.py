@@ -26,24 +26,30 @@ def walk_files(root: str | Path, extensions: set[str], skipped: list[dict]) -> l
 
     Symlinked files that resolve inside the tree are kept; ones that point outside it (or dangle) are
     appended to `skipped` with the reason. Symlinked directories are never followed (a link loop or a
-    link to '/' must not turn a walk into a crawl); they are listed in `skipped` too."""
+    link to '/' must not turn a walk into a crawl); they are listed in `skipped` too. os.scandir's
+    entries know their type without a stat per file, which matters for 1.28M files on a cluster FS."""
     root = Path(root)
-    found = []
-    for top, dirs, files in os.walk(root, followlinks=False):
-        for d in sorted(dirs):
-            if os.path.islink(os.path.join(top, d)):
-                skipped.append({"source": _rel(os.path.join(top, d), root),
-                                "reason": "symlinked directory, not followed"})
-        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(top, d)))
-        for name in sorted(files):
-            path = Path(top) / name
-            if path.suffix.lower() not in extensions:
-                continue
-            if path.is_symlink() and not (inside(path, root) and path.exists()):
-                skipped.append({"source": _rel(path, root),
-                                "reason": f"symlink to {os.readlink(path)!r} points outside the input tree"})
-                continue
-            found.append(path)
+    found, stack = [], [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_symlink():
+                if e.is_dir():
+                    skipped.append({"source": _rel(e.path, root), "reason": "symlinked directory, not followed"})
+                    continue
+                if Path(e.name).suffix.lower() not in extensions:
+                    continue
+                if not (inside(e.path, root) and os.path.exists(e.path)):
+                    where = "points outside the input tree" if not inside(e.path, root) else "dangles"
+                    skipped.append({"source": _rel(e.path, root),
+                                    "reason": f"symlink to {os.readlink(e.path)!r} {where}"})
+                    continue
+                found.append(Path(e.path))
+            elif e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif Path(e.name).suffix.lower() in extensions:
+                found.append(Path(e.path))
     return sorted(found)
 
 
