@@ -144,6 +144,7 @@ def init_dist(world: int):
 def merge_parts(parts: list[Path]) -> SampleSet:
     """Concatenate per-rank parts and put the samples back in global index order."""
     loaded = [np.load(p, allow_pickle=False) for p in parts]
+    loaded = [f for f in loaded if len(f["arr_1"])] or loaded[:1]     # a rank may have had no batch
     index = np.concatenate([f["index"] for f in loaded])
     order = np.argsort(index, kind="stable")
     stats = [json.loads(str(f["stats"])) for f in loaded]

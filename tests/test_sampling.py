@@ -123,7 +123,7 @@ def test_loop_specs():
     assert [piece.at(k, 6) for k in range(6)] == [6, 6, 4, 4, 2, 2]
     assert parse_loops("auto:0.05", 4).at(0, 10) == Adaptive(0.05, 6)       # cap L_max + 2
     assert parse_loops("auto:0.05:9", 4).adaptive.max_loops == 9
-    assert parse_loops("6>2", 4).label == "L6to2"
+    assert [parse_loops(x, 4).label for x in ("6>2", "6/4/2", "auto:0.02:8")] == ["L6to2", "L6-4-2", "Lauto_0.02_8"]
     for bad in ("0", "x", "auto:-1", "auto:", "3>0", "5-2"):
         with pytest.raises(ValueError, match="loop"):
             parse_loop_list(bad, 4)

@@ -46,8 +46,8 @@ class LoopSchedule:
 
     @property
     def label(self) -> str:
-        """Filesystem-safe name for output files (`L4`, `L6to2`, `L6-4-2`, `Lauto0.02`)."""
-        return "L" + self.spec.replace(">", "to").replace("/", "-").replace(":", "")
+        """Filesystem-safe name for output files (`L4`, `L6to2`, `L6-4-2`, `Lauto_0.02`, `Lauto_0.02_8`)."""
+        return "L" + self.spec.replace(">", "to").replace("/", "-").replace(":", "_")
 
 
 def parse_loops(spec: str | int, max_trained: int) -> LoopSchedule:
