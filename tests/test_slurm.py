@@ -156,6 +156,41 @@ def test_preempted_run_requeues_and_resumes_without_repeating_steps(cluster, tmp
     assert all(row["world_size"] == 2 for row in rows)
 
 
+STAND_IN = """#!/bin/bash
+# Stand-in for `python -m elt_scale.train` that waits for Slurm's warning signal: like the trainer
+# (elt_scale/engine/preemption.py) it exits 75 on USR1; the requeued run finishes at once.
+[ "${SLURM_RESTART_COUNT:-0}" -ge 1 ] && { echo "rank $RANK: requeued run, done"; exit 0; }
+trap 'echo "rank $RANK on $SLURMD_NODENAME: got USR1"; exit 75' USR1
+for _ in $(seq 1200); do sleep 0.1; done
+echo "rank $RANK: no USR1 within 120 s"; exit 1
+"""
+
+
+def test_sbatch_signal_header_reaches_every_rank_and_requeues(cluster, tmp_path, job_env):
+    """The script's own `#SBATCH --signal=USR1@300` (no B:), fired by Slurm's time-limit warning: every rank
+    gets USR1, the batch shell does not (bash would die of it), and the job requeues itself. The ranks are
+    a stand-in so that this waits for Slurm's clock, not for training; the trainer's side of the same
+    signal is test_preempted_run_requeues_and_resumes_without_repeating_steps."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(STAND_IN)
+    (bin_dir / "python").chmod(0o755)
+    Path(job_env["ELT_ENV_FILE"]).write_text(f"export PATH={bin_dir}:$PATH\n")
+    job, batch_log = submit_train(cluster, tmp_path, job_env, name="elt-signal")
+    deadline = time.time() + 60
+    while cluster.job(job).get("JobState") != "RUNNING":
+        assert time.time() < deadline, cluster.logs()
+        time.sleep(0.2)
+    # 5 minutes left = inside the 300 s warning window: slurmctld signals at its next time-limit check (<= 30 s).
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=5"], env=cluster.env, check=True, timeout=30)
+    info = cluster.wait(job, timeout=120)
+    why = explain(cluster, batch_log, job_env, "elt-signal", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", why
+    logs = "\n".join(node_logs(job_env, "elt-signal", job).values())
+    assert re.search(r"rank 0 on n1: got USR1", logs) and re.search(r"rank 1 on n2: got USR1", logs), why
+    assert "requeueing job" in batch_log.read_text() and "requeued run, done" in logs, why
+
+
 def shard_members(out: Path) -> dict[str, bytes]:
     members = {}
     for tar in sorted(out.glob("train-*.tar")):
