@@ -141,6 +141,12 @@ def init_dist(world: int):
         torch.distributed.init_process_group(backend)
 
 
+def write_part(path: Path, s: SampleSet) -> None:
+    stats = json.dumps({"n": len(s.labels), "gflops_per_sample": s.gflops_per_sample,
+                        "loops_per_step": s.loops_per_step, "wall_s": s.wall_s})
+    np.savez(path, arr_0=s.images, arr_1=s.labels, index=s.index, stats=np.array(stats))
+
+
 def merge_parts(parts: list[Path]) -> SampleSet:
     """Concatenate per-rank parts and put the samples back in global index order."""
     loaded = [np.load(p, allow_pickle=False) for p in parts]
@@ -158,10 +164,7 @@ def merge_parts(parts: list[Path]) -> SampleSet:
 def gather_to_rank0(s: SampleSet, out: Path, tag: str, rank: int, world: int) -> SampleSet | None:
     if world == 1:
         return s
-    part = out / f".part_{tag}.rank{rank}.npz"
-    stats = json.dumps({"n": len(s.labels), "gflops_per_sample": s.gflops_per_sample,
-                        "loops_per_step": s.loops_per_step, "wall_s": s.wall_s})
-    np.savez(part, arr_0=s.images, arr_1=s.labels, index=s.index, stats=np.array(stats))
+    write_part(out / f".part_{tag}.rank{rank}.npz", s)
     torch.distributed.barrier()
     merged = None
     if rank == 0:

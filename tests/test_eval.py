@@ -190,3 +190,23 @@ def test_anytime_sweep_writes_csv_and_plot(trained_run, tmp_path):
     assert 1.0 <= float(rows[2]["loops_per_step"]) <= 6.0              # auto: at most L_max + 2
     from PIL import Image
     assert Image.open(out / "anytime.png").size[0] > 500
+
+
+def test_video_samples_become_channels_last_and_a_gif_grid(tmp_path):
+    from PIL import Image
+    video = torch.rand(5, 1, 4, 8, 8)                                   # (B, C, T, H, W) in [0, 1]
+    u8 = sample.to_uint8(video)
+    assert u8.shape == (5, 4, 8, 8, 3) and u8.dtype == np.uint8
+    path = sample.save_grid(tmp_path / "grid_L2", u8)
+    assert path.name == "grid_L2.gif" and Image.open(path).n_frames == 4
+
+
+def test_merge_restores_global_order_and_skips_empty_ranks(tmp_path):
+    parts = []
+    for rank, idx in enumerate(([4, 5, 0, 1], [2, 3], [])):
+        s = sample.SampleSet(np.array(idx, np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1) if idx else
+                             np.zeros((0,), np.uint8), np.array(idx, np.int64), 1.0, 2.0, 0.5, np.array(idx, np.int64))
+        sample.write_part(tmp_path / f"p{rank}.npz", s)
+        parts.append(tmp_path / f"p{rank}.npz")
+    merged = sample.merge_parts(parts)
+    assert merged.labels.tolist() == [0, 1, 2, 3, 4, 5] and merged.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
