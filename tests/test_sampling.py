@@ -173,3 +173,20 @@ def test_gumbel_noise_is_finite_with_the_right_mean():
     g = gumbel((20000,), gen(0))
     assert torch.isfinite(g).all()
     assert float(g.mean()) == pytest.approx(0.5772, abs=0.03)      # Euler–Mascheroni
+
+
+def test_ddim_and_ddpm_steps_follow_the_training_schedule():
+    from elt_scale.objectives.noise import add_noise, alpha_sigma
+    from elt_scale.sampling.diffusion import ddim_step, ddpm_step
+    g = gen(0)
+    x0 = torch.full((20000, 1), 0.7)
+    eps = torch.randn(x0.shape, generator=g)
+    t, s = torch.tensor(0.8), torch.tensor(0.5)
+    x_t = add_noise(x0, t.expand(20000), eps, shift=2.0)
+    (a_t, s_t), (a_s, s_s) = alpha_sigma(t, 2.0), alpha_sigma(s, 2.0)
+    # DDIM with the true x0 moves along the same noise: exactly the forward process at s
+    assert torch.allclose(ddim_step(x_t, x0, a_t, s_t, a_s, s_s), a_s * x0 + s_s * eps, atol=1e-5)
+    # DDPM's posterior sample has the forward marginal at s: mean a_s·x0, std sigma_s
+    x_s = ddpm_step(x_t, x0, a_t, s_t, a_s, s_s, torch.randn(x0.shape, generator=g))
+    assert float(x_s.mean()) == pytest.approx(float(a_s * 0.7), abs=0.02)
+    assert float(x_s.std()) == pytest.approx(float(s_s), rel=0.03)
