@@ -73,7 +73,7 @@ class FidelityInception(nn.Module):
                                       f"inception-2015-12-05.pt instead ({e})") from None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)[0].float().flatten(1)
+        return self.net(images).float()                 # already (B, features) or (B, logits)
 
 
 def load_inception(path, output: str = "features") -> nn.Module:
