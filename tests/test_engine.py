@@ -174,7 +174,8 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_
     moments restart and the data stream is the one-rank stream, so losses differ from the 2-rank run."""
     ref, _ = straight(2)
     copy_checkpoint(ref, tmp_path / "one", 2)
-    r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "one", "deepspeed.zero_stage=2"), nprocs=1))
+    r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "one", "deepspeed.zero_stage=2",
+                                                 "train.keep_last=2"), nprocs=1))
     rows = read_metrics(tmp_path / "one")
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     ref_rows = read_metrics(ref)
@@ -183,6 +184,7 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_
     info = json.loads((tmp_path / "one" / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["global_batch"] == 8
     consolidate(tmp_path / "one" / "ckpt" / ckpt.tag_for(STEPS))      # one rank's EMA file covers everything
+    assert sorted(p.name for p in (tmp_path / "one" / "ckpt").glob("step_*")) == ["step_00000003", "step_00000004"]
     assert "resumed from" in r.stdout + r.stderr
 
 
