@@ -1,0 +1,85 @@
+"""Engine pieces that need no process group: checkpoint pointer/prune/resume lookup, metrics rewrite on
+resume, throughput/MFU, EMA shards consolidated and re-sliced across world sizes."""
+import json
+
+import pytest
+import torch
+
+from elt_scale.config import load_recipe
+from elt_scale.engine import checkpoint as ckpt
+from elt_scale.engine.ema import ShardedEMA, consolidate
+from elt_scale.engine.logger import MetricsLog, Throughput
+from tests.conftest import ROOT
+
+
+def fake_checkpoint(ckpt_dir, step, complete=True):
+    folder = ckpt_dir / ckpt.tag_for(step)
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / ckpt.CLIENT_STATE).write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_prune_keeps_last_complete_and_drops_unfinished_saves(tmp_path):
+    for s in (1, 2, 3):
+        fake_checkpoint(tmp_path, s)
+    ckpt.write_pointer(tmp_path, ckpt.tag_for(3))
+    fake_checkpoint(tmp_path, 4, complete=False)              # killed before the pointer moved
+    ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert ckpt.read_pointer(tmp_path) == "step_00000003" and not list(tmp_path.glob(".latest.tmp"))
+
+
+def test_find_resume_auto_never_and_path(tmp_path):
+    run_ckpt = tmp_path / "run" / "ckpt"
+    assert ckpt.find_resume("auto", run_ckpt) is None         # fresh run
+    folder = fake_checkpoint(run_ckpt, 5)
+    ckpt.write_pointer(run_ckpt, folder.name)
+    assert ckpt.find_resume("auto", run_ckpt) == folder
+    assert ckpt.find_resume("never", run_ckpt) is None
+    assert ckpt.find_resume(str(run_ckpt), tmp_path / "other" / "ckpt") == folder   # a ckpt/ dir: follow pointer
+    assert ckpt.find_resume(str(folder), tmp_path / "other" / "ckpt") == folder     # one step_* folder
+    with pytest.raises(FileNotFoundError, match="train.resume="):
+        ckpt.find_resume(str(tmp_path / "nothing"), run_ckpt)
+
+
+def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    log = MetricsLog(tmp_path, resume_step=4)
+    log.write({"step": 5, "loss": float("nan")})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss"] is None   # strict JSON: NaN -> null
+
+
+def test_throughput_reports_tflops_and_mfu():
+    recipe = load_recipe(ROOT / "recipes" / "digits_masked.yaml", ["logging.peak_tflops=0.5"])
+    meter = Throughput(recipe, world=2)
+    meter.add(1000)
+    row = meter.read()
+    assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 65)             # 64 tokens + class
+    assert row["mfu"] == pytest.approx(row["tflops"] / 1.0) and row["peak_mem_gb"] > 0
+
+
+def test_ema_shards_consolidate_and_reslice_across_world_sizes(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
+    shards = [ShardedEMA(module, 0.9, r, 3) for r in range(3)]          # stage-0 slicing, world 3
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    for e in shards:
+        e.update()
+        e.save(tmp_path)
+    full = consolidate(tmp_path)
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(full[n], p.detach() - 0.9)           # 0.9·w0 + 0.1·(w0 + 1) = (w0 + 1) - 0.9
+    two = [ShardedEMA(module, 0.9, r, 2) for r in range(2)]             # resume on world 2
+    for e in two:
+        e.load(tmp_path)
+    for n in full:
+        got = torch.cat([e.shadow[n][1] for e in two if n in e.shadow])
+        assert torch.equal(got, full[n].view(-1))
+    (tmp_path / "ema_rank00001.safetensors").unlink()
+    with pytest.raises(ValueError, match="cover only part"):
+        consolidate(tmp_path)
