@@ -12,7 +12,8 @@
 #      24-unique-layer baseline, per-loop checkpointing, compile on/off, each fast path switched off once
 #   2. training, diffusion ELT 7N×4L (d=1152, 256 tokens, batch 64): compiled and eager, baseline
 #   3. sampling, both families, L = 1..L_max: eager, CUDA graphs, torch.compile, and the baseline
-# Writes $OUT/{train_masked,train_diffusion,sample}.json, env.txt, gpu.log and summary.md (the tables).
+# Writes $OUT/{train_masked,train_diffusion,sample}.json, profile.txt (torch.profiler, first case), env.txt,
+# gpu.log and summary.md (the tables). Run 1 of bench/RESULTS.md took 189 s of a 540 s slot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -22,12 +23,12 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ "${1:-}" = "--cpu" ]; then
   tiny=(--tiny)    # same cases and budgets as on the GPU, models shrunk to CPU size
-  steps=(--steps 2 --warmup 1)
+  steps=(--steps 1 --windows 2 --warmup 1)
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 || exit 1
   tiny=()
-  steps=(--steps 10 --warmup 3)
+  steps=(--steps 6 --windows 3 --warmup 3 --compile-cost 20)
 fi
 { date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt"
 
@@ -39,17 +40,18 @@ phase() {   # NAME HARD_LIMIT_S COMMAND...: run one phase, never longer than its
   echo "== $name: exit $? after $((SECONDS - t0)) s =="
 }
 
-# Ordered most important first: the issue's targets (compiled ILSD step, ILSD/vanilla, checkpointing).
+# Ordered most important first: the issue's targets (compiled ILSD step, ILSD/vanilla, checkpointing),
+# each measured twice, interleaved: on an H200 the same case varied by up to ±10% between repeats.
 phase train_masked 230 python3 bench/train_throughput.py --preset elt-l-masked "${tiny[@]}" "${steps[@]}" \
-  --cases ilsd:none:layer,vanilla:none:layer,ilsd:loop:layer,ilsd:none:off,vanilla:none:off,baseline:none:off,ilsd:loop:off,baseline:none:layer,ilsd:none:layer:no-fused-adamw,ilsd:none:layer:sdpa-math,ilsd:none:layer:no-overlap-comm,ilsd:none:off:fp32,ilsd:none:block \
-  --time-budget 200 --out "$OUT/train_masked.json"
+  --cases ilsd:none:layer,vanilla:none:layer,ilsd:loop:layer,ilsd:none:layer,vanilla:none:layer,ilsd:loop:layer,ilsd:none:off,vanilla:none:off,baseline:none:off,baseline:none:layer,ilsd:loop:off,ilsd:none:layer:overlap-comm,ilsd:none:layer:zero0,ilsd:none:layer:no-fused-adamw,ilsd:none:layer:sdpa-math,ilsd:none:layer:sdpa-flash,ilsd:none:layer:loop-sync,ilsd:none:off:fp32,ilsd:none:block \
+  --time-budget 200 --profile "$OUT/profile.txt" --out "$OUT/train_masked.json"
 
 phase train_diffusion 120 python3 bench/train_throughput.py --preset elt-xl-diffusion "${tiny[@]}" "${steps[@]}" \
-  --cases ilsd:none:layer,ilsd:none:off,vanilla:none:layer,baseline:none:off,vanilla:none:off,baseline:none:layer \
+  --cases ilsd:none:layer,vanilla:none:layer,ilsd:none:off,ilsd:none:layer,vanilla:none:layer,baseline:none:layer,baseline:none:off,vanilla:none:off \
   --time-budget 95 --out "$OUT/train_diffusion.json"
 
 phase sample 120 python3 bench/sample_throughput.py "${tiny[@]}" \
-  --modes eager,cudagraphs,compile --baseline --warmup 2 --repeats 5 \
+  --modes eager,cudagraphs,compile --batch 64,1 --baseline --warmup 2 --repeats 5 \
   --time-budget 95 --out "$OUT/sample.json"
 
 python3 bench/summarize.py "$OUT" | tee "$OUT/summary.md"
