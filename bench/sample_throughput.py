@@ -23,7 +23,7 @@ import time
 
 import torch
 
-import common  # noqa: F401  (puts the project root on sys.path)
+# common first: it puts the project root on sys.path, so elt_scale imports without an install
 from common import Deadline, device_facts, free_memory, on_gpu, sync, write_json
 from presets import PRESETS, TINY, TINY_GRID
 from elt_scale.config import load_recipe

@@ -9,16 +9,16 @@ Every case builds the model from a recipe, wraps it with deepspeed.initialize an
 config, and times elt_scale.train.train_step on synthetic batches of the recipe's shape: what a user's
 run gets, minus data loading (bench/dataloader.py measures that). Protocol: `--warmup` steps (which
 include torch.compile), then `--windows` windows of `--steps` steps, each between two device
-synchronisations; step time = the median window's elapsed / steps. FLOPs are model FLOPs (elt_scale.models.flops: 3× forward, recomputation from checkpointing is
-not counted), so checkpointing shows up as lower TFLOP/s. MFU is against a bf16 matmul measured in the
-same run. Cases:
+synchronisations; step time = the median window's elapsed / steps. FLOPs are model FLOPs
+(elt_scale.models.flops: 3× forward; recomputation from checkpointing is not counted, so checkpointing
+shows up as lower TFLOP/s). MFU is against a bf16 matmul measured in the same run. Cases:
 
   variants  vanilla   the looped model to L_max, GT loss only
             ilsd      the same plus the student exit and its two loss terms (the recipe's ILSD)
             baseline  N×L unique layers looped once: a plain transformer of equal trunk FLOPs
   --checkpointing none | loop | layer      (train.checkpointing)
   --compile off | layer | block            (model.trunk.compile_block(scope))
-  --ablate  switches one fast path off in the first case, to measure its effect as a ratio:
+  --ablate  changes one fast path in the first case, to measure its effect as a ratio:
             no-fused-adamw  torch AdamW foreach instead of fused
             fp32            train.bf16=false
             sdpa-math / sdpa-efficient / sdpa-flash   force one SDPA backend (default: PyTorch picks)
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import common  # noqa: F401  (puts the project root on sys.path)
+# common first: it puts the project root on sys.path, so elt_scale imports without an install
 from common import Deadline, device_facts, free_memory, matmul_peak_tflops, on_gpu, peak_memory_gb, sync, write_json
 from presets import PRESETS, TINY, TINY_GRID
 from elt_scale.config import load_recipe
@@ -139,7 +139,7 @@ def profiled(path):
         return
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu() else [])
-    with profile(activities=activities) as prof:   # noqa: SIM117
+    with profile(activities=activities) as prof:
         yield prof
 
 
