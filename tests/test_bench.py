@@ -19,7 +19,7 @@ def run_bench(script: str, *args: str, timeout: int = 120) -> subprocess.Complet
 
 def test_train_throughput_tiny_compares_variants_and_fast_paths(tmp_path):
     out = tmp_path / "train.json"
-    r = run_bench("train_throughput.py", "--preset", "elt-l-masked", "--tiny", "--steps", "2", "--warmup", "1",
+    r = run_bench("train_throughput.py", "--preset", "elt-l-masked", "--tiny", "--steps", "1", "--warmup", "1",
                   "--cases", "vanilla:none:off,ilsd:none:off,baseline:none:off,ilsd:loop:off,"
                              "ilsd:none:off:no-fused-adamw", "--out", str(out))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -50,7 +50,7 @@ def test_train_throughput_tiny_compares_variants_and_fast_paths(tmp_path):
 def test_sample_throughput_tiny_every_loop_count_and_baseline(tmp_path):
     out = tmp_path / "sample.json"
     r = run_bench("sample_throughput.py", "--tiny", "--modes", "eager", "--batch", "2", "--loops", "1,3",
-                  "--baseline", "--warmup", "1", "--repeats", "2", "--out", str(out))
+                  "--baseline", "--warmup", "1", "--repeats", "1", "--out", str(out))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     got = sorted((row["family"], row["model"], row["loops"]) for row in rows)
