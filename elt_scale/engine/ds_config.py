@@ -42,7 +42,7 @@ def make_ds_config(recipe, world: int) -> dict:
     t, d = recipe.train, recipe.deepspeed
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
-        # one rank has no communication to overlap, and the side stream cost 5% of an H200 step (bench/RESULTS.md)
+        # one rank has no communication to overlap, and the side stream cost 5-15% of an H200 step (bench/RESULTS.md)
         zero.update(overlap_comm=torch.cuda.is_available() and world > 1, contiguous_gradients=True)
     if d.zero_stage == 3:    # the looped block runs the same modules L times: say so if the prefetch trace breaks
         zero["log_trace_cache_warnings"] = True
