@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     import deepspeed  # heavy import, after argument errors are reported
 
     rank, world = init_distributed()
+    preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
         ds_config = make_ds_config(recipe, world)
     except BatchMismatch as e:
@@ -137,7 +138,6 @@ def main(argv=None) -> int:
               f"{t.micro_batch} micro × {t.grad_accum} accum × {world} ranks, steps {start}→{t.steps}"
               + (f", resumed from {resume_from}" if resume_from else ""))
     loader = make_loader(recipe, rank, world, client["data_position"])
-    preempt = PreemptionFlag()
     meter = Throughput(recipe, world)
 
     def save(step: int) -> None:
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
             ema.update()
         meter.add(ds_config["train_batch_size"])
         *bad, preempted = agree(bad + [float(preempt.requested)])
+        preempted = preempted > 0 and done < t.steps             # on the last step: just finish
         grad_norm = as_float(engine.get_global_grad_norm())
         try:
             guard.after_step(done, skipped, bad, grad_norm)
