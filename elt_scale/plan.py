@@ -165,9 +165,20 @@ def largest_micro_batch(recipe, params, zero_stage, policy, world, precision, bu
 # ---------------------------------------------------------------------------------------------
 # the plan
 
-def global_batch_for(recipe, gpus: int) -> int:
+def batch_for(recipe, gpus: int) -> tuple[int, int, int, str]:
+    """(micro_batch, grad_accum, global_batch, note) on `gpus` GPUs. A recipe that fixes train.global_batch
+    but was sized for another GPU count gets the micro-batch that keeps its global batch, said in the note."""
     t = recipe.train
-    return t.global_batch or t.micro_batch * t.grad_accum * gpus
+    if not t.global_batch or t.micro_batch * t.grad_accum * gpus == t.global_batch:
+        return t.micro_batch, t.grad_accum, t.global_batch or t.micro_batch * t.grad_accum * gpus, ""
+    per_gpu, rest = divmod(t.global_batch, gpus)
+    if rest or per_gpu == 0:
+        return (t.micro_batch, t.grad_accum, t.micro_batch * t.grad_accum * gpus,
+                f"train.global_batch={t.global_batch} is not a multiple of {gpus} GPUs")
+    accum = t.grad_accum if per_gpu % t.grad_accum == 0 else 1
+    return (per_gpu // accum, accum, t.global_batch,
+            f"recipe's micro-batch {t.micro_batch} is for another GPU count: "
+            f"train.micro_batch={per_gpu // accum} train.grad_accum={accum} keep global batch {t.global_batch}")
 
 
 def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflops: float = 989.0,
@@ -180,15 +191,15 @@ def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflo
     m, t = recipe.model, recipe.train
     params = parameter_counts(recipe)
     budget = gpu_mem_gib * GiB * (1 - headroom)
+    micro, accum, gb, batch_note = batch_for(recipe, gpus)
     rows = []
     for stage in ZERO_STAGES:
         for policy in POLICIES:
-            mem = memory(recipe, params, t.micro_batch, stage, policy, gpus, prec)
+            mem = memory(recipe, params, micro, stage, policy, gpus, prec)
             rows.append({"zero_stage": stage, "checkpointing": policy,
                          **{k: v / GiB for k, v in mem.items()},
                          "fits": mem["total"] <= budget,
                          "max_micro_batch": largest_micro_batch(recipe, params, stage, policy, gpus, prec, budget)})
-    gb = global_batch_for(recipe, gpus)
     total_flops = t.steps * gb * train_flops_per_sample(recipe)
     gpu_hours = total_flops / (peak_tflops * 1e12 * mfu) / 3600
     return {
@@ -197,8 +208,7 @@ def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflo
         "gflops_per_sample": {L: forward_flops(m, L) / 1e9 for L in range(1, m.loops + 2)},
         "train_gflops_per_sample": train_flops_per_sample(recipe) / 1e9,
         "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "usable_gib": budget / GiB, "precision": precision,
-        "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "global_batch": gb,
-        "batch_matches": t.micro_batch * t.grad_accum * gpus == gb,
+        "micro_batch": micro, "grad_accum": accum, "global_batch": gb, "batch_note": batch_note,
         "recipe_setting": {"zero_stage": recipe.deepspeed.zero_stage, "checkpointing": t.checkpointing},
         "memory": rows,
         "steps": t.steps, "mfu": mfu, "peak_tflops": peak_tflops,
@@ -219,8 +229,7 @@ def format_plan(plan: dict) -> str:
         f"  training step: {plan['train_gflops_per_sample']:.2f} GFLOPs per sample (fwd+bwd, ILSD exits)",
         f"  cluster: {plan['gpus']} GPUs × {plan['gpu_mem_gib']:g} GiB ({plan['usable_gib']:.1f} GiB usable), "
         f"{plan['precision']}, micro-batch {plan['micro_batch']} × accum {plan['grad_accum']} "
-        f"→ global batch {plan['global_batch']}"
-        + ("" if plan["batch_matches"] else "  (!= micro × accum × GPUs: adjust train.grad_accum)"),
+        f"→ global batch {plan['global_batch']}" + (f"\n  note: {plan['batch_note']}" if plan["batch_note"] else ""),
         "",
         "  ZeRO ckpt   weights  grads  optim  activ  total GiB  fits  max micro-batch",
     ]

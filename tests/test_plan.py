@@ -176,3 +176,12 @@ def test_cli_prints_plan_and_json(capsys):
     assert len(plan["memory"]) == 12 and plan["gpu_hours"] > 0
     assert plan_main([recipe, "model.widht=3"]) == 2
     assert "widht" in capsys.readouterr().err
+
+
+def test_other_gpu_count_keeps_the_recipes_global_batch():
+    recipe = load_recipe(ROOT / "recipes" / "imagenet256_masked_elt_xl_7x4.yaml")   # 32 GPUs × 16
+    same, more = make_plan(recipe, gpus=32, gpu_mem_gib=80), make_plan(recipe, gpus=64, gpu_mem_gib=80)
+    assert (same["micro_batch"], same["global_batch"], same["batch_note"]) == (16, 512, "")
+    assert (more["micro_batch"], more["global_batch"]) == (8, 512) and "train.micro_batch=8" in more["batch_note"]
+    assert more["memory"][0]["activations"] < same["memory"][0]["activations"]
+    assert make_plan(recipe, gpus=48, gpu_mem_gib=80)["batch_note"].startswith("train.global_batch=512 is not")
