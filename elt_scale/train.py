@@ -100,24 +100,29 @@ def main(argv=None) -> int:
     # --- where to start: a complete checkpoint of this run (or train.resume=PATH), or step 0 ---------------
     resume_from = ckpt.find_resume(t.resume, ckpt_dir)
     client = ckpt.read_client(resume_from) if resume_from else None
-    same_world = client is not None and client["world_size"] == world
+    layout = (world, recipe.deepspeed.zero_stage)
+    same_layout = client is not None and (client["world_size"], client["zero_stage"]) == layout
 
     torch.manual_seed(recipe.run.seed)           # identical initial weights on every rank
     model = build_model(recipe)
-    if client and not same_world:                # other world size: consolidated fp32 weights, fresh moments
+    if client and not same_layout:               # other world size/stage: consolidated fp32 weights, fresh moments
         model.load_state_dict(ckpt.consolidated_weights(resume_from))
     if t.compile:
         model.trunk.compile_block()
     objective = build_objective(recipe)
     optimizer = None if "optimizer" in ds_config else make_optimizer(recipe, model)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if same_world:
+    if same_layout:
         client = ckpt.load_same_world(engine, resume_from)
     elif client:
         ckpt.restore_schedule(engine, scheduler, client["step"])
     ema = ShardedEMA(engine.module, t.ema_decay, rank, world) if t.ema_decay > 0 else None
     if ema and client:
-        ema.load(resume_from)
+        if any(resume_from.glob("ema_rank*.safetensors")):
+            ema.load(resume_from)
+        elif rank == 0:
+            print(f"elt-train: WARNING {resume_from} holds no EMA; it starts from the resumed weights",
+                  file=sys.stderr)
     client = client or {"step": 0, "data_position": 0, "wandb_id": new_wandb_id(), "skipped_steps": 0,
                         "bad_streak": 0}
     start = client["step"]

@@ -63,9 +63,7 @@ class NumericsGuard:
         self.skipped += 1
         self.streak += 1
         culprit = next((k for k, f in zip(TERMS, bad_terms) if f), None)
-        what = (f"non-finite {culprit}" if culprit else
-                f"non-finite gradient (grad norm {grad_norm if grad_norm is None or math.isfinite(grad_norm) else grad_norm})")
-        self.last = f"step {step}: {what}"
+        what = f"non-finite {culprit}" if culprit else f"non-finite gradient (grad norm {grad_norm})"
         if self.streak >= self.max_bad:
             raise NumericsStop(f"{self.streak} consecutive bad steps (train.max_bad_steps={self.max_bad}); "
                                f"last at step {step}: {what}; skipped {self.skipped} step(s) in total")
