@@ -1,7 +1,8 @@
 """Preemption: a signal on any rank becomes a checkpoint on every rank and a requeue exit code.
 
-Slurm (and most schedulers) warn a job before killing it: `#SBATCH --signal=B:USR1@120` sends SIGUSR1,
-`scancel` and the end of a time limit send SIGTERM. The handler only sets a flag; the training loop
+Slurm (and most schedulers) warn a job before killing it: `#SBATCH --signal=USR1@300` sends SIGUSR1 to
+every task of the job steps, i.e. to every rank (not `B:USR1`, which signals only the batch shell: it
+dies, no rank saves, nothing is requeued); `scancel` and the end of a time limit send SIGTERM. The handler only sets a flag; the training loop
 all-reduces the flag at the next step boundary (so every rank agrees even if only one was signalled),
 saves a checkpoint, and every rank exits with
 
