@@ -2,7 +2,8 @@
 # Both set up .venv from scratch on a fresh machine; nothing else needs to be installed by hand.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH ?= torch==2.13.0   # the CPU build; on a GPU machine: make TORCH=torch ...
+# The CPU build of torch lies on disk here; on a GPU machine: make TORCH=torch ...
+TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test clean
 

@@ -207,8 +207,12 @@ def main(argv=None) -> int:
     a.add_argument("--reference", help="reference images for fid/fvd: ADM .npz or shards dir")
     a.add_argument("--inception-weights", help="local Inception file for fid (nothing is downloaded)")
     a.add_argument("--i3d-weights", help="local I3D TorchScript file for fvd (nothing is downloaded)")
-    a.add_argument("--out", required=True, help="output directory for anytime.csv and anytime.png")
+    a.add_argument("--out", default=None,
+                   help="output directory for anytime.csv and anytime.png (default: RUN/anytime for a run "
+                        "directory, ./anytime for an export)")
     args = p.parse_args(argv)
+    if args.command == "anytime" and args.out is None:
+        args.out = str(Path(args.run) / "anytime" if Path(args.run).is_dir() else Path("anytime"))
     try:
         if args.command == "anytime":
             rows = anytime_sweep([args.run, *args.compare], args.loops, args.num, args.out, metric=args.metric,
