@@ -11,7 +11,7 @@ from elt_scale.config import load_recipe
 from elt_scale.demo import val_loss_by_loops
 from elt_scale.models import build_model
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 
 def test_quick_demo_writes_table_csv_and_plot(tmp_path):

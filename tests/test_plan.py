@@ -16,7 +16,7 @@ from elt_scale.objectives import build_objective
 from elt_scale.plan import main as plan_main
 from elt_scale.plan import GiB, PRECISIONS, activation_parts, make_plan, memory, parameter_counts, state_bytes
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 FP32 = PRECISIONS["fp32"]
 B = 8

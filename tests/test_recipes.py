@@ -10,7 +10,7 @@ from elt_scale.engine.ds_config import global_batch
 from elt_scale.models import build_model, count_params
 from elt_scale.plan import make_plan
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 PAPER = sorted(p for p in RECIPES if not p.name.startswith("digits_"))
