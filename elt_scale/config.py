@@ -130,18 +130,23 @@ class Recipe:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """YAML recipe (or defaults when path is None) + `a.b=value` overrides -> validated Recipe."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path}: {e}") from e
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not a plain YAML recipe ({e})") from e
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: top level must be a mapping of sections")
+    if path is None:
+        return recipe_from_yaml("", overrides)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from e
+    return recipe_from_yaml(text, overrides, where=str(path))
+
+
+def recipe_from_yaml(text: str, overrides: list[str] | tuple[str, ...] = (), where: str = "recipe") -> Recipe:
+    """The same from YAML text (e.g. the recipe stored in an export's metadata); `where` names it in errors."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not a plain YAML recipe ({e})") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: top level must be a mapping of sections")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)

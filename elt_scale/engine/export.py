@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import Recipe, load_recipe, recipe_to_dict
+from ..config import load_recipe, recipe_from_yaml, recipe_to_dict
 from ..models import build_model
 from . import checkpoint as ckpt
 from .ema import consolidate as consolidate_ema
@@ -75,21 +75,11 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
             raise ValueError(f"{path}: no recipe in the safetensors metadata (not written by elt-export?)")
         if ema and meta.get("ema") != "true":
             raise ValueError(f"{path}: exported without --ema; it holds the raw weights")
-        recipe = recipe_from_text(meta["recipe"])
+        recipe = recipe_from_yaml(meta["recipe"], where=f"{path} (recipe metadata)")
         state = load_file(str(path))
     model = build_model(recipe)
     model.load_state_dict(state)
     return model.to(device).eval(), recipe
-
-
-def recipe_from_text(text: str) -> Recipe:
-    import tempfile
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
-    try:
-        return load_recipe(f.name)
-    finally:
-        Path(f.name).unlink()
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """LoopedTrunk: N unique layers applied L times. One pass returns the state at any set of loop counts."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -67,10 +67,3 @@ class LoopedTrunk(nn.Module):
                 states[loop] = x
         return [states[e] for e in exits]
 
-
-def normalize_exits(exits: Iterable[int] | int | None, default: int) -> tuple[int, ...]:
-    if exits is None:
-        return (default,)
-    if isinstance(exits, int):
-        return (exits,)
-    return tuple(int(e) for e in exits)
