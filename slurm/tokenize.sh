@@ -28,18 +28,13 @@ if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
   exit 2
 fi
 
-ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
-cd "$ROOT"
-if [ ! -f data_prep/tokenize.py ]; then
-  echo "tokenize.sh: submit from the elt-scale checkout (no data_prep/tokenize.py in $ROOT)" >&2
+# sbatch runs a copy of this script from the spool directory: find the checkout from the submit dir.
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+if [ ! -f slurm/job_setup.sh ]; then
+  echo "tokenize.sh: submit from the elt-scale checkout (no slurm/job_setup.sh in $PWD)" >&2
   exit 2
 fi
-if [ -n "${ELT_ENV_FILE:-}" ]; then
-  [ -f "$ELT_ENV_FILE" ] || { echo "tokenize.sh: ELT_ENV_FILE=$ELT_ENV_FILE does not exist" >&2; exit 2; }
-  source "$ELT_ENV_FILE"
-elif [ -f slurm/env.sh ]; then
-  source slurm/env.sh
-fi
+source slurm/job_setup.sh tokenize.sh data_prep/tokenize.py   # checks the checkout, sources the env file
 
 if [ "${ELT_TOKENIZE_MERGE:-0}" = 1 ]; then
   # The merge job: a plain job, whatever array variables its submitter's environment carried.

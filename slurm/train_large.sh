@@ -44,18 +44,12 @@ if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
 fi
 
 # sbatch runs a copy of this script from the spool directory: find the checkout from the submit dir.
-ROOT="${SLURM_SUBMIT_DIR:-$PWD}"
-cd "$ROOT"
-if [ ! -f slurm/task_env.sh ]; then
-  echo "train_large.sh: submit from the elt-scale checkout (no slurm/task_env.sh in $ROOT)" >&2
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+if [ ! -f slurm/job_setup.sh ]; then
+  echo "train_large.sh: submit from the elt-scale checkout (no slurm/job_setup.sh in $PWD)" >&2
   exit 2
 fi
-if [ -n "${ELT_ENV_FILE:-}" ]; then
-  [ -f "$ELT_ENV_FILE" ] || { echo "train_large.sh: ELT_ENV_FILE=$ELT_ENV_FILE does not exist" >&2; exit 2; }
-  source "$ELT_ENV_FILE"
-elif [ -f slurm/env.sh ]; then
-  source slurm/env.sh
-fi
+source slurm/job_setup.sh train_large.sh slurm/task_env.sh   # checks the checkout, sources the env file
 DRY_RUN="${ELT_DRY_RUN:-0}"
 export ELT_DRY_RUN="$DRY_RUN"
 

@@ -92,6 +92,32 @@ def test_dry_run_prints_each_rank_and_quotes_arguments(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("script, marker", [("train_large.sh", "slurm/task_env.sh"),
+                                            ("tokenize.sh", "data_prep/tokenize.py")])
+def test_scripts_refuse_a_wrong_submit_dir_or_a_missing_env_file(tmp_path, script, marker):
+    """No cluster needed: the shared setup (slurm/job_setup.sh) fails with exit 2 and the script's own name."""
+    def run(submit_dir, **extra):
+        env = {k: v for k, v in os.environ.items() if k != "ELT_ENV_FILE"}
+        env.update(SLURM_SUBMIT_DIR=str(submit_dir), **extra)
+        return subprocess.run(["bash", str(ROOT / "slurm" / script), "x"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+
+    no_setup = tmp_path / "elsewhere"                           # the spool copy cannot find the checkout here
+    no_setup.mkdir()
+    r = run(no_setup)
+    assert r.returncode == 2 and r.stderr == \
+        f"{script}: submit from the elt-scale checkout (no slurm/job_setup.sh in {no_setup})\n", r.stderr
+    partial = tmp_path / "partial"                              # job_setup.sh, but not what the script needs
+    (partial / "slurm").mkdir(parents=True)
+    (partial / "slurm" / "job_setup.sh").write_text((ROOT / "slurm" / "job_setup.sh").read_text())
+    r = run(partial)
+    assert r.returncode == 2 and r.stderr == \
+        f"{script}: submit from the elt-scale checkout (no {marker} in {partial})\n", r.stderr
+    missing = tmp_path / "missing-env.sh"
+    r = run(ROOT, ELT_ENV_FILE=str(missing))
+    assert r.returncode == 2 and r.stderr == f"{script}: ELT_ENV_FILE={missing} does not exist\n", r.stderr
+
+
 def test_dry_run_in_an_allocation_prints_what_each_node_runs(cluster, tmp_path, job_env):
     job, batch_log = submit_train(cluster, tmp_path, job_env, "run.name=x y", f"run.out_dir={tmp_path}",
                                   name="elt-dry", dry_run=True)
