@@ -8,8 +8,8 @@ optimizer state exists, free the gradients, then measure
   kept       memory_allocated() after forward + ILSD loss, minus states (what is held for backward);
   peak       max_memory_allocated() during forward + backward, minus states (activations, recompute,
              gradients and every transient buffer of backward);
-and compare with elt-plan's parts at the same micro-batch: kept vs activations' 'kept'; peak vs
-'kept' + 'recompute' + grads. fp32 runs keep fp32 weights and Adam state (the planner's fp32 row);
+and compare with elt-plan's parts at the same micro-batch: kept vs activations' 'kept' + 'recompute' (the
+pass's last unit is not checkpointed, so its internals are held too); peak vs 'kept' + 'recompute' + grads. fp32 runs keep fp32 weights and Adam state (the planner's fp32 row);
 bf16 runs cast the whole model to bf16 (activations as in DeepSpeed bf16; the optimizer state is then
 not DeepSpeed's, so only the activation parts are compared). Needs a CUDA GPU; results are printed
 and written as JSON; bench/RESULTS.md records them with device and date.
@@ -94,7 +94,7 @@ def one_case(name: str, b: int, policy: str, precision: str) -> dict:
     est_states = state_bytes(params, 0, 1, prec)
     est_peak = est_act["kept"] + est_act["recompute"] + est_states["grads"]
     row = {"recipe": name, "micro_batch": b, "checkpointing": policy, "precision": precision,
-           "kept_mib": kept / MiB, "plan_kept_mib": est_act["kept"] / MiB,
+           "kept_mib": kept / MiB, "plan_kept_mib": (est_act["kept"] + est_act["recompute"]) / MiB,
            "peak_mib": peak / MiB, "plan_peak_mib": est_peak / MiB,
            "grads_mib": grads / MiB, "plan_grads_mib": est_states["grads"] / MiB,
            "states_mib": states / MiB}

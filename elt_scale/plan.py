@@ -16,9 +16,11 @@ The memory model (bytes per GPU, Ψ = unique parameters, W = data-parallel ranks
                                 per layer (8 + 2·r)·n·d elements, (12 + 2·r) with adaLN, plus fp32
                                 softmax statistics per head and LayerNorm statistics.
                                 none   keeps every layer's internals for all N×L layer applications;
-                                loop   keeps the L loop-boundary states, plus one loop's internals
-                                       (N layers) while that loop is recomputed in backward;
-                                layer  keeps the N×L layer inputs, plus one layer's internals.
+                                loop   keeps the inputs of loops 1..L−1, plus one loop's internals
+                                       (N layers): the last loop's, which is not checkpointed, and
+                                       in backward each earlier loop's while it is recomputed;
+                                layer  keeps the N×L−1 checkpointed layer inputs, plus one layer's
+                                       internals (the last layer's, then each recomputed one's).
                                 The readout (head + loss, both ILSD exits) is always kept.
 
 tests/test_plan.py checks each part against the bytes a small model really holds (saved-tensor hooks,
@@ -113,8 +115,9 @@ def readout_bytes(m, b: int, p: int, ilsd: bool) -> float:
 
 
 def activation_parts(recipe, b: int, policy: str, precision: Precision) -> dict:
-    """{'kept': bytes alive between forward and backward, 'recompute': bytes a checkpointed unit adds
-    while it is recomputed in backward}."""
+    """{'kept': checkpointed inputs (or, for "none", all internals) and the readout, alive from forward to
+    backward; 'recompute': one unit's internals, held by the pass's last (never checkpointed) unit at the
+    end of forward and by each recomputed unit in turn in backward}. Peak = kept + recompute."""
     m, p = recipe.model, precision.act
     n_apps = m.unique_layers * m.loops
     readout = readout_bytes(m, b, p, recipe.ilsd.enabled)
@@ -122,10 +125,10 @@ def activation_parts(recipe, b: int, policy: str, precision: Precision) -> dict:
     if policy == "none":
         return {"kept": n_apps * layer_internals(m, b, p) + readout, "recompute": 0.0}
     if policy == "loop":
-        return {"kept": m.loops * boundary_state(m, b, p) + cond + readout,
+        return {"kept": (m.loops - 1) * boundary_state(m, b, p) + cond + readout,
                 "recompute": m.unique_layers * layer_internals(m, b, p)}
     if policy == "layer":
-        return {"kept": n_apps * boundary_state(m, b, p) + cond + readout,
+        return {"kept": (n_apps - 1) * boundary_state(m, b, p) + cond + readout,
                 "recompute": layer_internals(m, b, p)}
     raise ValueError(f"checkpointing policy {policy!r}; allowed: {', '.join(POLICIES)}")
 

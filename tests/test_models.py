@@ -94,6 +94,21 @@ def test_checkpointing_policies_agree(family):
             torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy,recomputed", [("none", 0), ("loop", 2 * 2), ("layer", 2 * 3 - 1)])
+def test_last_unit_is_not_recomputed(policy, recomputed):
+    """2N×3L: backward reruns every checkpointed unit except the pass's last one (its activations are
+    needed at once): loop → loops 1-2 (4 layer calls), layer → every layer call but the final one."""
+    torch.manual_seed(0)
+    model = build_model(tiny("masked", **{"train.checkpointing": policy}))
+    calls = []
+    for layer in model.trunk.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))   # a recompute may stop before the end
+    outs = model(*inputs(model, tiny("masked")), exits=(1, 3))
+    assert len(calls) == 2 * 3
+    sum(o.float().pow(2).mean() for o in outs).backward()
+    assert len(calls) - 2 * 3 == recomputed
+
+
 @pytest.mark.parametrize("family", ["masked", "diffusion"])
 def test_video_inputs(family):
     r = tiny(family, grid=(2, 4, 4), **({"model.temporal_patch": 2} if family == "diffusion" else {}))

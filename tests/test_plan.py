@@ -1,9 +1,10 @@
 """elt-plan's memory model against the bytes small models really hold on CPU (fp32).
 
 Activations are counted with saved-tensor hooks: every tensor autograd keeps for backward, each storage
-once, parameters excluded. Non-reentrant checkpointing saves its inputs through the same hooks, so the
-'kept' part is measured the same way under every policy; the 'recompute' part is measured by running
-one checkpointed unit (a loop, or a layer) un-checkpointed under the hooks."""
+once, parameters excluded. Non-reentrant checkpointing saves its inputs through the same hooks, so what a
+forward pass leaves for backward is measured the same way under every policy (the checkpointed inputs plus
+the last unit's internals: it is not checkpointed); one unit's internals ('recompute') are measured by
+running a loop, or a layer, un-checkpointed under the hooks."""
 import json
 
 import pytest
@@ -107,7 +108,7 @@ def test_activation_estimate_matches_saved_tensors(family, ilsd, policy):
         loss = forward_loss(model, objective, recipe, x, labels)
     loss.backward()                                   # the graph was real: backward must still work
     est = activation_parts(recipe, B, policy, FP32)
-    assert within(est["kept"], saved.total), (est["kept"], saved.total)
+    assert within(est["kept"] + est["recompute"], saved.total), (est, saved.total)
     if policy != "none":
         measured = measure_recompute(model, recipe, policy)
         assert within(est["recompute"], measured), (est["recompute"], measured)

@@ -38,20 +38,26 @@ class LoopedTrunk(nn.Module):
         else:
             raise ValueError(f"compile scope={scope!r}; allowed: layer, block")
 
-    def block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """One loop: the N unique layers in order (the block g of the paper)."""
-        for layer in self.layers:
-            if self.checkpointing == "layer" and torch.is_grad_enabled():
+    def block(self, x: torch.Tensor, cond: torch.Tensor | None, last: bool = False) -> torch.Tensor:
+        """One loop: the N unique layers in order (the block g of the paper). `last`: this is the pass's
+        final loop, whose final layer is not checkpointed under checkpointing="layer" (see step)."""
+        for i, layer in enumerate(self.layers):
+            final_unit = last and i == len(self.layers) - 1
+            if self.checkpointing == "layer" and torch.is_grad_enabled() and not final_unit:
                 x = checkpoint(layer, x, cond, use_reentrant=False)
             else:
                 x = layer(x, cond)
         return x
 
-    def step(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the block once, checkpointed per loop if asked (then only loop-boundary states are kept)."""
-        if self.checkpointing == "loop" and torch.is_grad_enabled():
+    def step(self, x: torch.Tensor, cond: torch.Tensor | None = None, last: bool = False) -> torch.Tensor:
+        """Apply the block once, checkpointed per loop if asked (then only loop-boundary states are kept).
+
+        The pass's last unit (loop, or layer) is never checkpointed: backward starts with it, so its
+        activations would be rebuilt at once to the same peak; keeping them saves 1/L of the loop
+        policy's recompute (1/(N·L) of the layer policy's) and costs no peak memory."""
+        if self.checkpointing == "loop" and torch.is_grad_enabled() and not last:
             return checkpoint(self._block, x, cond, use_reentrant=False)
-        return self._block(x, cond)
+        return self._block(x, cond, last)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 exits: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -61,8 +67,9 @@ class LoopedTrunk(nn.Module):
             raise ValueError(f"exits must be loop counts >= 1, got {exits}")
         wanted = set(exits)
         states = {}
-        for loop in range(1, max(exits) + 1):
-            x = self.step(x, cond)
+        final = max(exits)
+        for loop in range(1, final + 1):
+            x = self.step(x, cond, last=loop == final)
             if loop in wanted:
                 states[loop] = x
         return [states[e] for e in exits]
