@@ -10,7 +10,7 @@ PRESETS = {   # the issue's workloads (paper shapes); every value can be overrid
                                 "model.loops=4", "model.grid=[16,16]", "model.vocab_size=1024"],
     "elt-xl-diffusion": _COMMON + ["model.family=diffusion", "model.width=1152", "model.unique_layers=7",
                                    "model.loops=4", "model.grid=[32,32]", "model.channels=4",
-                                   "model.patch_size=2"],
+                                   "model.patch_size=2", "train.ema_decay=0.9999"],   # as the DiT recipes
 }
 TINY = ["model.width=32", "model.heads=2", "model.unique_layers=2", "model.loops=3", "model.num_classes=10",
         "train.micro_batch=4", "model.vocab_size=16"]

@@ -6,8 +6,9 @@
     python bench/train_throughput.py --preset elt-l-masked --tiny          # CPU, seconds (CI smoke test)
 
 Every case builds the model from a recipe, wraps it with deepspeed.initialize and the recipe's DeepSpeed
-config, and times elt_scale.train.train_step on synthetic batches of the recipe's shape: what a user's
-run gets, minus data loading (bench/dataloader.py measures that). Protocol: `--warmup` steps (which
+config, and times elt_scale.train.train_step (plus the EMA update when the recipe has train.ema_decay > 0)
+on synthetic batches of the recipe's shape: what a user's run gets, minus data loading
+(bench/dataloader.py measures that) and the loop's logging. Protocol: `--warmup` steps (which
 include torch.compile), then `--windows` windows of `--steps` steps, each between two device
 synchronisations; step time = the median window's elapsed / steps. FLOPs are model FLOPs
 (elt_scale.models.flops: 3× forward; recomputation from checkpointing is not counted, so checkpointing
@@ -44,6 +45,7 @@ from common import Deadline, device_facts, free_memory, matmul_peak_tflops, on_g
 from presets import PRESETS, TINY, TINY_GRID
 from elt_scale.config import load_recipe
 from elt_scale.engine.ds_config import make_ds_config, make_optimizer
+from elt_scale.engine.ema import ShardedEMA
 from elt_scale.models import build_model, count_params
 from elt_scale.models.flops import sequence_length, train_flops_per_sample, trunk_flops
 from elt_scale.objectives import build_objective
@@ -168,18 +170,27 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
     engine, model, objective = build_engine(recipe, case)
     row["params_m"] = count_params(model) / 1e6
     batches = synthetic_batches(recipe)
+    # The trainer updates its EMA after every applied step: part of the step when the recipe has one.
+    ema = ShardedEMA(engine.module, recipe.train.ema_decay, 0, 1) if recipe.train.ema_decay > 0 else None
+    row["ema"] = ema is not None
+
+    def step_at(step: int):
+        loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+        if ema:
+            ema.update()
+        return loss
+
     with sdpa_context(case.ablate):
         t0 = time.perf_counter()
         for i in range(args.warmup):
-            loss, *_ = train_step(engine, objective, batches[i % len(batches)], recipe, i, 0, 0)
+            loss = step_at(i)
         sync()
         row["warmup_s"] = time.perf_counter() - t0
         windows = []
         for w in range(args.windows):
             t0 = time.perf_counter()
             for i in range(args.steps):
-                step = args.warmup + w * args.steps + i
-                loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+                loss = step_at(args.warmup + w * args.steps + i)
                 if case.ablate == "loop-sync":
                     from elt_scale.train import agree
                     agree([0.0, 0.0])
@@ -189,8 +200,7 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
             with profiled(args.profile) as prof:
                 t1 = time.perf_counter()
                 for i in range(3):
-                    step = args.warmup + args.windows * args.steps + i
-                    train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+                    step_at(args.warmup + args.windows * args.steps + i)
                 sync()
             row["profile"] = write_profile(prof, args.profile, case.name, time.perf_counter() - t1)
     b = recipe.train.micro_batch
@@ -204,7 +214,7 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
     if not math.isfinite(row["loss"]):
         row["error"] = f"non-finite loss {row['loss']}"
     engine.destroy()                 # drops ZeRO's hooks and buffers, so the next case starts clean
-    del engine, model, objective, batches
+    del engine, model, objective, batches, ema
     free_memory()
     return row
 

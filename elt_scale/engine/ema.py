@@ -45,8 +45,16 @@ class ShardedEMA:
         self.module, self.decay, self.rank, self.world = module, decay, rank, world
         self.shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
         self.shadow: dict[str, tuple[int, torch.Tensor]] = {}
-        for name, frag in self._fragments():
-            self.shadow[name] = (frag[0], frag[1].detach().clone().float())
+        live = []
+        for name, (start, w) in self._fragments():
+            if w.dtype != torch.float32:
+                raise TypeError(f"EMA: parameter {name} has no fp32 master fragment (dtype {w.dtype})")
+            self.shadow[name] = (start, w.detach().clone())
+            live.append(w)
+        # The fragments are views into the optimizer's fp32 master, which DeepSpeed updates in place:
+        # resolved once (after any checkpoint load), so a step's update is one multi-tensor kernel
+        # instead of a lookup and a launch per parameter.
+        self._pairs = ([t for _, t in self.shadow.values()], live)
 
     def _fragments(self):
         for name, p in self.module.named_parameters():
@@ -57,8 +65,8 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self) -> None:
         """ema ← decay·ema + (1−decay)·w, on this rank's fragments only (call after an applied step)."""
-        for name, (_, w) in self._fragments():
-            self.shadow[name][1].lerp_(w.float(), 1.0 - self.decay)
+        if self._pairs[0]:
+            torch._foreach_lerp_(*self._pairs, 1.0 - self.decay)
 
     # --- persistence: one safetensors file per rank, fragment addresses in its metadata --------------
     def save(self, folder: Path) -> None:
