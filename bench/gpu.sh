@@ -32,12 +32,15 @@ else
 fi
 { date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt"
 
-phase() {   # NAME HARD_LIMIT_S COMMAND...: run one phase, never longer than its limit
-  local name=$1 limit=$2 t0=$SECONDS
+failed=()
+phase() {   # NAME HARD_LIMIT_S COMMAND...: run one phase, never longer than its limit; later phases still run
+  local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
   echo "== $name (limit ${limit}s) =="
   timeout -k 10 "$limit" "$@"
-  echo "== $name: exit $? after $((SECONDS - t0)) s =="
+  rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s =="
+  [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
 }
 
 # Ordered most important first: the targets (compiled ILSD step, ILSD/vanilla, checkpointing),
@@ -55,4 +58,8 @@ phase sample 120 python3 bench/sample_throughput.py "${tiny[@]}" \
   --time-budget 95 --out "$OUT/sample.json"
 
 python3 bench/summarize.py "$OUT" | tee "$OUT/summary.md"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu.sh: FAILED phases: ${failed[*]} (see $OUT/gpu.log); done in $SECONDS s" >&2
+  exit 1
+fi
 echo "gpu.sh: done in $SECONDS s; results in $OUT"
