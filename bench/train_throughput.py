@@ -193,7 +193,7 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
                 loss = step_at(args.warmup + w * args.steps + i)
                 if case.ablate == "loop-sync":
                     from elt_scale.train import agree
-                    agree([0.0, 0.0])
+                    agree(torch.zeros(3, device=engine.device), False)
             sync()
             windows.append((time.perf_counter() - t0) / args.steps)
         if profile and args.profile:     # extra steps, after the timed ones: the profiler slows them

@@ -40,17 +40,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+def step_generator(seed: int, step: int, rank: int, micro: int, device="cpu") -> torch.Generator:
     """All randomness of one micro-step (masks, noise, t, label drop) from (seed, step, rank, micro):
-    reproducible after a resume without saving RNG state."""
-    return torch.Generator().manual_seed(hash((seed, step, rank, micro)) % (2**63))
+    reproducible after a resume without saving RNG state. On the training device, so preparing a batch
+    needs no copy from the host (a pageable copy would wait for the GPU's queue); the CPU and CUDA
+    streams differ, each is reproducible."""
+    return torch.Generator(device=device).manual_seed(hash((seed, step, rank, micro)) % (2**63))
 
 
 def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: int):
     """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ)."""
     r = recipe
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
-    prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, rank, micro))
+    prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, rank, micro, engine.device))
     l_max = r.model.loops
     if r.ilsd.enabled:
         l_int = draw_l_int(r.run.seed, step, r.ilsd.min_loops, l_max)     # same on every rank, no comm
@@ -68,9 +70,10 @@ def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: in
     return loss.detach(), terms, l_int, lam
 
 
-def agree(flags: list[float]) -> list[float]:
-    """Element-wise max over ranks: one small all-reduce per step for preemption and numerics flags."""
-    t = torch.tensor(flags, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+def agree(bad: torch.Tensor, preempt: bool) -> list[float]:
+    """Element-wise max over ranks of the numerics flags and the preemption flag: one small all-reduce and
+    the step's one host read of them."""
+    t = torch.cat([bad.float(), torch.tensor([float(preempt)], device=bad.device)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
@@ -156,15 +159,15 @@ def main(argv=None) -> int:
     lam, status = None, 0
     for step in range(start, t.steps):
         done = step + 1
-        skipped_before, bad = engine.skipped_steps, [0.0, 0.0, 0.0]
+        skipped_before, bad = engine.skipped_steps, None
         for micro in range(t.grad_accum):
             loss, terms, l_int, lam = train_step(engine, objective, next(loader), recipe, step, rank, micro)
-            bad = [max(a, b) for a, b in zip(bad, term_flags(terms))]
+            bad = term_flags(terms) if bad is None else torch.maximum(bad, term_flags(terms))
         skipped = engine.skipped_steps > skipped_before
         if ema and not skipped:
             ema.update()
         meter.add(ds_config["train_batch_size"])
-        *bad, preempted = agree(bad + [float(preempt.requested)])
+        *bad, preempted = agree(bad, preempt.requested)
         preempted = preempted > 0 and done < t.steps             # on the last step: just finish
         grad_norm = as_float(engine.get_global_grad_norm())
         try:

@@ -83,3 +83,26 @@ def test_ema_shards_consolidate_and_reslice_across_world_sizes(tmp_path):
     (tmp_path / "ema_rank00001.safetensors").unlink()
     with pytest.raises(ValueError, match="cover only part"):
         consolidate(tmp_path)
+
+
+def test_poison_turns_a_bad_loss_into_nan_gradients_and_leaves_a_good_one_exact():
+    from elt_scale.engine.guard import poison
+    w = torch.tensor([0.5, -2.0, 3.0], requires_grad=True)
+    (w.pow(3).sum() * 0.7).backward()
+    clean = w.grad.clone()
+    w.grad = None
+    poison(w.pow(3).sum() * 0.7).backward()
+    assert torch.equal(w.grad, clean)
+    for bad in (float("nan"), float("inf")):       # a non-finite constant: plain backward gives finite grads
+        w.grad = None
+        poison(w.pow(3).sum() + bad).backward()
+        assert torch.isnan(w.grad).all(), bad
+
+
+def test_term_flags_name_the_bad_term_without_a_host_read():
+    from elt_scale.engine.guard import TERMS, term_flags
+    terms = {"loss_teacher": torch.tensor(1.0), "loss_student": torch.tensor(float("nan")),
+             "loss_distill": torch.tensor(float("-inf"))}
+    flags = term_flags(terms)
+    assert isinstance(flags, torch.Tensor) and flags.tolist() == [0.0, 1.0, 1.0]
+    assert term_flags({"loss_teacher": torch.tensor(2.0)}).tolist() == [0.0] * len(TERMS)   # vanilla: one term

@@ -40,14 +40,19 @@ class GuardedAdamW(torch.optim.AdamW):
         return None if self.overflow else super().step(closure)
 
 
-def term_flags(terms: dict[str, torch.Tensor]) -> list[float]:
-    """1.0 per term in TERMS that is non-finite on this rank (absent terms: 0)."""
-    return [0.0 if k not in terms or bool(torch.isfinite(terms[k]).all()) else 1.0 for k in TERMS]
+def term_flags(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1.0 per term in TERMS that is non-finite on this rank (absent terms: 0), as a float32 tensor on the
+    terms' device: no host read here, the train loop reads all flags once per step (`train.agree`)."""
+    device = next(iter(terms.values())).device
+    return torch.stack([(~torch.isfinite(terms[k]).all()) if k in terms else torch.zeros((), dtype=torch.bool,
+                        device=device) for k in TERMS]).float()
 
 
 def poison(loss: torch.Tensor) -> torch.Tensor:
-    """A non-finite loss gives NaN gradients for sure (a NaN added as a constant would not)."""
-    return loss if bool(torch.isfinite(loss)) else loss * float("nan")
+    """A non-finite loss gives NaN gradients for sure (a NaN added as a constant would not). Multiplying
+    by 1 or NaN picked on the device keeps the step free of a host sync between forward and backward,
+    and leaves a finite loss's gradients bit-identical."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
 
 
 class NumericsGuard:

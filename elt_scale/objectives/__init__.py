@@ -1,7 +1,8 @@
 """One small class per family with the same three methods: prepare a batch, GT loss, distill loss.
 
-`prepare` draws all randomness (masks, noise, t, label drop) from the generator it is given, so the
-trainer can make each step's randomness a pure function of (seed, step, rank, micro-step)."""
+`prepare` draws all randomness (masks, noise, t, label drop) from the generator it is given, on that
+generator's device, so the trainer can make each step's randomness a pure function of (seed, step, rank,
+micro-step) and, with a generator on the GPU, prepare a batch without a host-device copy or sync."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from .noise import add_noise, weighted_mse, x0_weight
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
-    drop = torch.rand(labels.shape[0], generator=generator) < p
+    drop = torch.rand(labels.shape[0], generator=generator, device=generator.device) < p
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
 
 
@@ -50,8 +51,8 @@ class DiffusionObjective:
 
     def prepare(self, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> Prepared:
         x0 = x0.float()
-        t = torch.rand(x0.shape[0], generator=g).to(x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = torch.rand(x0.shape[0], generator=g, device=g.device).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
         x_t = add_noise(x0, t, noise, self.shift)
         labels = drop_labels(labels.long(), self.class_dropout, self.null_class, g)
         return Prepared((x_t, t, labels), x0, x0_weight(t, self.shift, self.bias))

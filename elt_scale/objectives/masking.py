@@ -15,9 +15,10 @@ def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
 def random_mask(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bool mask (B, n) of the positions to hide: per sample r ~ U(0,1), ceil(cos(pi/2 r)·n) positions."""
     b, n = tokens.shape[0], tokens[0].numel()
-    r = torch.rand(b, generator=generator)
+    device = generator.device if generator is not None else tokens.device   # drawn where the generator lives
+    r = torch.rand(b, generator=generator, device=device)
     count = torch.ceil(cosine_mask_ratio(r) * n).clamp(1, n)
-    scores = torch.rand(b, n, generator=generator)
+    scores = torch.rand(b, n, generator=generator, device=device)
     ranks = scores.argsort(dim=1).argsort(dim=1)      # rank of each position's score
     return (ranks < count[:, None]).to(tokens.device)
 
