@@ -199,17 +199,31 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if args.temperature <= 0:
+        p.error(f"--temperature {args.temperature}: must be > 0")
 
     from .engine.export import load_model
 
     rank, world = dist_env()
     init_dist(world)
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    model, recipe = load_model(args.model, ema=args.ema, device=device)
-    decoder = load_decoder(recipe, args.shards)
-    schedules = parse_loop_list(args.loops or str(recipe.model.loops), recipe.model.loops)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # a wrong path, run without checkpoint, loop spec or class is the user's error: one line, exit 2
+    try:
+        model, recipe = load_model(args.model, ema=args.ema, device=device)
+        decoder = load_decoder(recipe, args.shards)
+        schedules = parse_loop_list(args.loops or str(recipe.model.loops), recipe.model.loops)
+        if args.class_id is not None and not 0 <= args.class_id < recipe.model.num_classes:
+            raise ValueError(f"--class {args.class_id}: the model has classes 0..{recipe.model.num_classes - 1}")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: is a file; give a directory")
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"elt-sample: error: {e}", file=sys.stderr)
+        return 2
     for schedule in schedules:
         s = sample_set(model, recipe, schedule, args.num, decoder, args.cfg, args.steps, args.sampler,
                        args.seed, args.batch_size, args.class_id, rank, world,

@@ -190,3 +190,55 @@ def test_ddim_and_ddpm_steps_follow_the_training_schedule():
     x_s = ddpm_step(x_t, x0, a_t, s_t, a_s, s_s, torch.randn(x0.shape, generator=g))
     assert float(x_s.mean()) == pytest.approx(float(a_s * 0.7), abs=0.02)
     assert float(x_s.std()) == pytest.approx(float(s_s), rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# elt-sample: a user's mistake is one line on stderr and exit 2, before anything is written
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    import yaml
+    from safetensors.torch import save_file
+
+    from elt_scale.config import recipe_to_dict
+    model, recipe = tiny("masked")
+    path = tmp_path_factory.mktemp("export") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"recipe": yaml.safe_dump(recipe_to_dict(recipe)), "ema": "false"})
+    return path
+
+
+@pytest.mark.parametrize("flag,value", [("--num", "0"), ("--batch-size", "0"), ("--steps", "0"),
+                                        ("--temperature", "0")])
+def test_elt_sample_bad_numbers_are_usage_errors(flag, value, tiny_export, tmp_path, capsys):
+    from elt_scale import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(tiny_export), flag, value, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"{flag} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model,args,words", [
+    ("missing", [], "no such run directory or .safetensors file"),
+    ("not_safetensors", [], "not a safetensors file"),
+    ("run_without_ckpt", [], "no 'latest' checkpoint pointer"),
+    ("export", ["--ema"], "exported without --ema"),
+    ("export", ["--loops", "0"], "loop spec '0'"),
+    ("export", ["--class", "10"], "--class 10: the model has classes 0..9"),
+])
+def test_elt_sample_user_errors_are_one_line_exit_2(model, args, words, tiny_export, digits_shards, tmp_path,
+                                                     capsys):
+    from elt_scale import sample
+    from elt_scale.config import save_recipe
+    path = {"missing": tmp_path / "nope", "not_safetensors": tmp_path / "x.npz",
+            "run_without_ckpt": tmp_path / "run", "export": tiny_export}[model]
+    if model == "not_safetensors":
+        path.write_bytes(b"PK\x03\x04 not a safetensors header")
+    if model == "run_without_ckpt":
+        path.mkdir()
+        save_recipe(tiny("masked")[1], path / "recipe.yaml")
+    rc = sample.main([str(path), *args, "--shards", str(digits_shards), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Traceback" not in err, err
+    assert err.startswith("elt-sample: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

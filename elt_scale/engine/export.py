@@ -66,11 +66,16 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
         recipe = load_recipe(path / "recipe.yaml")
         state = consolidated_state_dict(path, ema=ema)
     else:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run directory or .safetensors file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as e:      # e.g. a .npz or a checkpoint .pt passed by mistake
+            raise ValueError(f"{path}: not a safetensors file ({e})") from None
         if "recipe" not in meta:
             raise ValueError(f"{path}: no recipe in the safetensors metadata (not written by elt-export?)")
         if ema and meta.get("ema") != "true":
