@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RecipeError, load_recipe, save_recipe
-from .data import make_loader
+from .data import check_data, make_loader
 from .engine import checkpoint as ckpt
 from .engine.distributed import init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config, make_optimizer
@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as e:
+        check_data(recipe)                   # missing or mismatched shards: before a run dir or DeepSpeed exists
+        resume_from = ckpt.find_resume(recipe.train.resume, recipe.run_dir / "ckpt")
+    except (RecipeError, FileNotFoundError, ValueError) as e:
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
     import deepspeed  # heavy import, after argument errors are reported
@@ -100,8 +102,7 @@ def main(argv=None) -> int:
         return 2
     run_dir, ckpt_dir, t = recipe.run_dir, recipe.run_dir / "ckpt", recipe.train
 
-    # --- where to start: a complete checkpoint of this run (or train.resume=PATH), or step 0 ---------------
-    resume_from = ckpt.find_resume(t.resume, ckpt_dir)
+    # --- where to start: a complete checkpoint of this run (or train.resume=PATH, found above), or step 0 ----
     client = ckpt.read_client(resume_from) if resume_from else None
     layout = (world, recipe.deepspeed.zero_stage)
     same_layout = client is not None and (client["world_size"], client["zero_stage"]) == layout

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import read_metrics, run_train
+from tests.conftest import ROOT, read_metrics, run_train
 
 
 def test_masked_digits_300_steps_lower_teacher_loss(tmp_path, digits_shards):
@@ -43,3 +43,19 @@ def test_bad_override_fails_before_work(tmp_path):
     assert r.returncode == 2
     assert "ilsd.min_loops" in r.stderr
     assert not (tmp_path / "digits_masked").exists()
+
+
+@pytest.mark.parametrize("override,words", [
+    ("data.shards={missing}", "data.shards={missing}: no manifest.json"),
+    ("data.split=test", "manifest lists no shards for split 'test' (splits: train)"),
+    ("model.grid=[4,4]", "shards' sample shape [8, 8] != recipe's [4, 4]"),
+    ("train.resume={missing}", "train.resume={missing}: no complete checkpoint there"),
+])
+def test_bad_data_or_resume_path_fails_before_work(override, words, tmp_path, digits_shards, capsys):
+    from elt_scale import train
+    missing = tmp_path / "nope"
+    rc = train.main([str(ROOT / "recipes" / "digits_masked.yaml"), f"data.shards={digits_shards}",
+                     f"run.out_dir={tmp_path}", override.format(missing=missing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and words.format(missing=missing) in err and "Traceback" not in err, err
+    assert not (tmp_path / "digits_masked").exists()          # no run directory, nothing started

@@ -204,11 +204,20 @@ class Loader:
         return batch
 
 
+def check_data(recipe) -> tuple[dict, list[str]]:
+    """The recipe's shards exist, fit its model and list its split -> (manifest, shard paths)."""
+    d = recipe.data
+    try:
+        manifest = read_manifest(d.shards)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.shards={d.shards}: {e}") from None
+    check_manifest(manifest, recipe, d.shards)
+    return manifest, shard_paths(d.shards, d.split, manifest)
+
+
 def make_loader(recipe, rank: int = 0, world: int = 1, position: int = 0) -> Loader:
     d = recipe.data
-    manifest = read_manifest(d.shards)
-    check_manifest(manifest, recipe, d.shards)
-    paths = shard_paths(d.shards, d.split, manifest)
+    manifest, paths = check_data(recipe)
     ds = ShardStream(paths, recipe.run.seed, rank, world, d.shuffle_buffer, manifest["sample"]["kind"], d.strict,
                      recipe.train.micro_batch)
     return Loader(ds, recipe.train.micro_batch, d.num_workers, position)
