@@ -92,6 +92,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.merge and not args.source:
         p.error("--source is required (unless --merge)")
+    for flag, value, least in (("--samples-per-shard", args.samples_per_shard, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0)):
+        if value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
     if not args.merge:
         args.split = args.split or "train"
     return args
@@ -191,28 +195,34 @@ def check_out_dir(out: Path, config_hash: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    if args.merge:
-        splits = merge_ranks(out, args.split)
-        print(f"merged rank manifests of split(s) {', '.join(splits)} into {out / 'manifest.json'}")
-        return 0
-    start = time.time()
-    source = SOURCES[args.source](**vars(args))
-    items = add_flips(source.items) if args.flip else source.items
-    assign_keys(items)
-    source.items = items
-    if not items:
-        raise SystemExit(f"no inputs for {args.source}/{args.split} under {args.input}"
-                         f" ({len(source.skipped)} refused: {source.skipped[:3]})")
-    check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
-    tok, shape = build(args, source)
-    shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
-    split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS)
+    # a bad argument (missing --input, unknown split, rank outside the world, --frames a tokenizer cannot
+    # round-trip ...) is the user's error: one line, exit 2. Failures while writing keep their traceback.
+    try:
+        if args.merge:
+            splits = merge_ranks(out, args.split)
+            print(f"merged rank manifests of split(s) {', '.join(splits)} into {out / 'manifest.json'}")
+            return 0
+        start = time.time()
+        source = SOURCES[args.source](**vars(args))
+        items = add_flips(source.items) if args.flip else source.items
+        assign_keys(items)
+        source.items = items
+        if not items:
+            raise SystemExit(f"no inputs for {args.source}/{args.split} under {args.input}"
+                             f" ({len(source.skipped)} refused: {source.skipped[:3]})")
+        check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
+        tok, shape = build(args, source)
+        shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
+        split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS)
 
-    def expect(s):
-        return {"split_hash": split_hash, "items": s.end - s.start, "first_key": items[s.start].key}
-    done = {s.index: finished(out, args.split, s, expect(s)) for s in shards}
-    pending = [s for s in shards if done[s.index] is None]
-    expects = {s.index: expect(s) for s in pending}
+        def expect(s):
+            return {"split_hash": split_hash, "items": s.end - s.start, "first_key": items[s.start].key}
+        done = {s.index: finished(out, args.split, s, expect(s)) for s in shards}
+        pending = [s for s in shards if done[s.index] is None]
+        expects = {s.index: expect(s) for s in pending}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"elt-tokenize: error: {e}", file=sys.stderr)
+        return 2
     written, _ = write_shards(args, out, source, tok, pending, expects)
     sidecars = [(s.name(args.split), finished(out, args.split, s, expect(s))) for s in shards]
     listing_skipped = [{**s, "split": args.split} for s in source.skipped] if args.rank == 0 else []

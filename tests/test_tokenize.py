@@ -167,7 +167,7 @@ def test_imagenet_val_layout_with_label_file(imagenet, tmp_path):
         assert label == int(src.split("_")[-1].split(".")[0]) % 3
 
 
-def test_two_ranks_equal_one_rank_and_merge(imagenet, tmp_path, monkeypatch):
+def test_two_ranks_equal_one_rank_and_merge(imagenet, tmp_path, monkeypatch, capsys):
     root, _ = imagenet
     common = ["--source", "imagenet", "--input", str(root / "train"), "--resolution", "12",
               "--pixel-mode", "identity", "--samples-per-shard", "2"]
@@ -175,8 +175,8 @@ def test_two_ranks_equal_one_rank_and_merge(imagenet, tmp_path, monkeypatch):
     for rank in (1, 0):
         assert tok(*common, "--rank", str(rank), "--world-size", "2", "--out", str(tmp_path / "two")) == 0
     assert not (tmp_path / "two" / "manifest.json").exists()
-    with pytest.raises(FileNotFoundError, match="split 'val'"):             # --split narrows a merge
-        tokenize.main(["--merge", "--split", "val", "--out", str(tmp_path / "two")])
+    assert tokenize.main(["--merge", "--split", "val", "--out", str(tmp_path / "two")]) == 2   # --split narrows
+    assert "split 'val'" in capsys.readouterr().err                                             # a merge
     assert tokenize.main(["--merge", "--out", str(tmp_path / "two")]) == 0
     one, two = read_samples(tmp_path / "one"), read_samples(tmp_path / "two")
     assert sorted(one) == sorted(two)
@@ -309,3 +309,26 @@ def test_out_dir_from_other_settings_and_empty_input_fail_early(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no inputs"):
         tok("--source", "folder", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "e"))
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--source", "imagenet", "--input", "{tmp}/nope"], "--input {tmp}/nope: not a directory"),
+    (["--source", "imagenet"], "--source imagenet needs --input PATH"),
+    (["--source", "digits", "--split", "test"], "digits has splits train and val, not 'test'"),
+    (["--source", "digits", "--rank", "3", "--world-size", "2"], "--rank 3 --world-size 2: need 0 <= rank"),
+    (["--merge"], "no manifest.*.rank*.json to merge"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, words, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert tok(*[a.format(tmp=tmp_path) for a in args], "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elt-tokenize: error: ") and words.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--samples-per-shard", "0"), ("--batch-size", "0"), ("--workers", "-1")])
+def test_bad_numbers_are_usage_errors(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tokenize.main(["--source", "digits", flag, value, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"{flag} {value}: must be >=" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
