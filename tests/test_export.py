@@ -82,5 +82,45 @@ def test_export_ema_of_a_run_without_ema_fails_clearly(tmp_path, digits_shards):
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "elt_scale.engine.export", str(tmp_path / "noema"), "--ema",
                         "--out", str(tmp_path / "m.safetensors")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 1 and "no EMA shards" in r.stderr and "train.ema_decay" in r.stderr
+    assert r.returncode == 2 and "no EMA shards" in r.stderr and "train.ema_decay" in r.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run directory as elt-train leaves it (recipe.yaml, ckpt/latest -> step_00000001), without training."""
+    from elt_scale.config import save_recipe
+    from elt_scale.models import build_model
+    recipe = load_recipe(ROOT / "recipes" / "digits_masked.yaml", ["model.width=32"])
+    run = tmp_path / "run"
+    folder = run / "ckpt" / ckpt.tag_for(1)
+    folder.mkdir(parents=True)
+    save_recipe(recipe, run / "recipe.yaml")
+    torch.save({"module": build_model(recipe).state_dict()}, folder / "mp_rank_00_model_states.pt")
+    ckpt.write_pointer(run / "ckpt", folder.name)
+    return run
+
+
+@pytest.mark.parametrize("case,words", [
+    ("out_is_dir", "is a directory; give a file name such as"),
+    ("unknown_tag", "step_00000009: no such checkpoint; tags in"),
+])
+def test_export_bad_out_or_tag_is_one_line_exit_2(case, words, tiny_run, tmp_path, capsys):
+    from elt_scale.engine.export import main
+    out, tag = tmp_path / "model.safetensors", []
+    if case == "out_is_dir":
+        out.mkdir()
+    else:
+        tag = ["--tag", "step_00000009"]
+    assert main([str(tiny_run), *tag, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elt-export: ") and words in err and err.count("\n") == 1, err
+    assert case == "out_is_dir" or "step_00000001" in err                              # the tags there are listed
+    assert list(tmp_path.glob("*.tmp")) == [] and (out.is_dir() or not out.exists())   # no stray OUT.tmp
+
+
+def test_export_creates_the_out_folder(tiny_run, tmp_path):
+    from elt_scale.engine.export import load_model, main
+    out = tmp_path / "new" / "dir" / "model.safetensors"
+    assert main([str(tiny_run), "--out", str(out)]) == 0
+    assert load_model(out)[1].model.width == 32

@@ -33,6 +33,9 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None, ema: bo
     """fp32 weights (or EMA weights) of a run's checkpoint `tag` (default: the latest complete one)."""
     ckpt_dir = Path(run_dir) / "ckpt"
     folder = ckpt_dir / (tag or latest_tag(ckpt_dir))
+    if not folder.is_dir():
+        tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
+        raise FileNotFoundError(f"{folder}: no such checkpoint; tags in {ckpt_dir}: {', '.join(tags) or 'none'}")
     state = ckpt.consolidated_weights(folder)
     if ema:
         averaged = consolidate_ema(folder)
@@ -46,12 +49,14 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None, ema: bo
 def export(run_dir: str | Path, out: str | Path, ema: bool = False, tag: str | None = None) -> Path:
     from safetensors.torch import save_file
 
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
+    if out.is_dir():                      # replace() would fail only after the work, leaving OUT.tmp behind
+        raise ValueError(f"--out {out}: is a directory; give a file name such as {out / 'model.safetensors'}")
     recipe = load_recipe(run_dir / "recipe.yaml")
     state = consolidated_state_dict(run_dir, tag, ema)
     meta = {"recipe": yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), "ema": str(ema).lower(),
             "tag": tag or latest_tag(run_dir / "ckpt")}
-    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     tmp.replace(out)                      # an interrupted export never leaves a half file under the name
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
         out = export(args.run_dir, args.out, args.ema, args.tag)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"elt-export: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"elt-export: wrote {out} ({'EMA' if args.ema else 'raw'} weights of {args.run_dir})")
     return 0
 
