@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,15 @@ LOWER_IS_BETTER = {"fd_digits": True, "class_acc": False, "fid": True, "is": Fal
 
 def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """ADM-style .npz -> (arr_0 uint8 images/videos, arr_1 labels or None)."""
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, IsADirectoryError, zipfile.BadZipFile) as e:
+        # numpy's own message for a file that is no .npy/.npz is about pickles and names no file
+        raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}); expected an ADM-style .npz "
+                         "(arr_0 uint8 N×H×W×3 images, arr_1 labels) such as elt-sample writes") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one .npy array; expected an ADM-style .npz with arr_0 (and arr_1)")
+    with f:
         if "arr_0" not in f:
             raise ValueError(f"{path}: no arr_0 (expected an ADM-style .npz with uint8 N×H×W×3 images)")
         return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)

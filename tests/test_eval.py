@@ -210,3 +210,26 @@ def test_merge_restores_global_order_and_skips_empty_ranks(tmp_path):
         parts.append(tmp_path / f"p{rank}.npz")
     merged = sample.merge_parts(parts)
     assert merged.labels.tolist() == [0, 1, 2, 3, 4, 5] and merged.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("case,words", [
+    ("text", "not a readable .npz (ValueError)"),           # numpy's message spoke of pickles, named no file
+    ("truncated", "not a readable .npz (BadZipFile)"),      # was a zipfile traceback
+    ("npy", "holds one .npy array"),                        # was a TypeError traceback
+    ("folder", "not a readable .npz (IsADirectoryError)"),  # was a traceback
+])
+def test_unreadable_samples_file_is_named_in_one_line(case, words, tmp_path, capsys):
+    path = tmp_path / "samples.npz"
+    if case == "text":
+        path.write_text("arr_0: not numpy\n")
+    elif case == "truncated":
+        np.savez(path, arr_0=np.zeros((500, 8, 8, 3), np.uint8), arr_1=np.zeros(500, np.int64))
+        path.write_bytes(path.read_bytes()[:50_000])
+    elif case == "npy":
+        path = tmp_path / "samples.npy"
+        np.save(path, np.zeros((4, 8, 8, 3), np.uint8))
+    else:
+        path.mkdir()
+    assert evaluate.main(["digits", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"elt-eval: error: {path}: {words}") and "Traceback" not in err and "pickle" not in err, err
