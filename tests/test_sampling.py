@@ -124,7 +124,7 @@ def test_loop_specs():
     assert parse_loops("auto:0.05", 4).at(0, 10) == Adaptive(0.05, 6)       # cap L_max + 2
     assert parse_loops("auto:0.05:9", 4).adaptive.max_loops == 9
     assert [parse_loops(x, 4).label for x in ("6>2", "6/4/2", "auto:0.02:8")] == ["L6to2", "L6-4-2", "Lauto_0.02_8"]
-    for bad in ("0", "x", "auto:-1", "auto:", "3>0", "5-2"):
+    for bad in ("0", "x", "auto:-1", "auto:", "3>0", "5-2", "-1", "1-2-3", "2-"):
         with pytest.raises(ValueError, match="loop"):
             parse_loop_list(bad, 4)
 

@@ -80,8 +80,9 @@ def parse_loop_list(text: str, max_trained: int) -> list[LoopSchedule]:
     """'1,2,4' or '1-6' (inclusive range) or a mix: '1-3,6>2,auto:0.05' -> schedules, in order."""
     out = []
     for item in (t.strip() for t in str(text).split(",") if t.strip()):
-        if "-" in item and not item.startswith("auto:") and item.replace("-", "").isdigit():
-            lo, hi = (int(v) for v in item.split("-"))
+        parts = item.split("-")
+        if len(parts) == 2 and all(v.isdigit() for v in parts):     # not '-1' or '1-2-3': parse_loops names those
+            lo, hi = (int(v) for v in parts)
             if lo > hi:
                 raise ValueError(f"loop range {item!r}: start > end")
             out += [parse_loops(v, max_trained) for v in range(lo, hi + 1)]
