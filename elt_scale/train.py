@@ -91,9 +91,19 @@ def main(argv=None) -> int:
     except (RecipeError, FileNotFoundError, ValueError) as e:
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
+    rank, world = init_distributed()
+    status = train(recipe, resume_from, rank, world)
+    # Only on a normal return: gloo's worker threads still hold tensors if the interpreter tears the process
+    # group down itself, and exit aborts ("terminate called without an active exception", seen on a Slurm
+    # rank). After an exception a collective teardown could hang on a rank that never arrives: let it die.
+    dist.destroy_process_group()
+    return status
+
+
+def train(recipe, resume_from, rank: int, world: int) -> int:
+    """The run itself, on an initialised process group. Returns the exit code (0, 2, 3 or 75)."""
     import deepspeed  # heavy import, after argument errors are reported
 
-    rank, world = init_distributed()
     preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
         ds_config = make_ds_config(recipe, world)
