@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     ok = [r for r in result["cases"] if "step_time_s" in r and "error" not in r]
     print(f"train_throughput: {len(ok)}/{len(result['cases'])} cases measured"
           + (f", results in {args.out}" if args.out else ""))
+    torch.distributed.destroy_process_group()      # else gloo can abort at interpreter exit (see train.py)
     return 0 if ok else 1
 
 
