@@ -86,7 +86,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     keep_last: int = 2
-    resume: str = "auto"              # auto | never | PATH
+    resume: str = "auto"              # auto | never (refuses to overwrite a checkpoint) | PATH
     ema_decay: float = 0.0
     max_bad_steps: int = 5
     compile: bool = False

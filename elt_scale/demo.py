@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -79,7 +80,7 @@ def train_both(out: Path, shards: Path, steps: int, extra: list[str], parallel: 
                "train.resume=never", "train.save_every=0", f"train.log_every={max(1, min(10, steps // 10))}",
                switch, *extra]
         log = open(out / f"train_{name}.log", "w")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)       # the demo's own output: each demo trains afresh
         procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         if not parallel:
             _follow(procs[-1:], {name: run_dir}, steps)

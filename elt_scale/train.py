@@ -119,6 +119,12 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
 
     torch.manual_seed(recipe.run.seed)           # identical initial weights on every rank
     model = build_model(recipe)
+    shapes = ckpt.param_shapes(model)
+    if client and (why := ckpt.shape_mismatch(client.get("model_shapes"), shapes)):
+        if rank == 0:                             # else DeepSpeed's size-mismatch traceback, on every rank
+            print(f"elt-train: cannot resume from {resume_from}: {why}; a different model needs its own "
+                  f"run.name", file=sys.stderr)
+        return 2
     if client and not same_layout:               # other world size/stage: consolidated fp32 weights, fresh moments
         model.load_state_dict(ckpt.consolidated_weights(resume_from))
     if t.compile:
@@ -162,7 +168,7 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
     def save(step: int) -> None:
         state = {"step": step, "data_position": loader.position, "world_size": world,
                  "zero_stage": recipe.deepspeed.zero_stage, "lambda": lam, "wandb_id": client["wandb_id"],
-                 "skipped_steps": guard.skipped, "bad_streak": guard.streak}
+                 "skipped_steps": guard.skipped, "bad_streak": guard.streak, "model_shapes": shapes}
         ckpt.save(engine, ckpt_dir, state, ema, t.keep_last, crash_before_pointer=step == t.debug_kill_in_save)
 
     from tqdm import tqdm

@@ -36,7 +36,9 @@ def test_find_resume_auto_never_and_path(tmp_path):
     folder = fake_checkpoint(run_ckpt, 5)
     ckpt.write_pointer(run_ckpt, folder.name)
     assert ckpt.find_resume("auto", run_ckpt) == folder
-    assert ckpt.find_resume("never", run_ckpt) is None
+    with pytest.raises(ValueError, match="already holds a checkpoint \\(step_00000005\\)"):
+        ckpt.find_resume("never", run_ckpt)                    # a fresh start would overwrite it
+    assert ckpt.find_resume("never", tmp_path / "fresh" / "ckpt") is None
     assert ckpt.find_resume(str(run_ckpt), tmp_path / "other" / "ckpt") == folder   # a ckpt/ dir: follow pointer
     assert ckpt.find_resume(str(folder), tmp_path / "other" / "ckpt") == folder     # one step_* folder
     with pytest.raises(FileNotFoundError, match="train.resume="):
@@ -106,3 +108,12 @@ def test_term_flags_name_the_bad_term_without_a_host_read():
     flags = term_flags(terms)
     assert isinstance(flags, torch.Tensor) and flags.tolist() == [0.0, 1.0, 1.0]
     assert term_flags({"loss_teacher": torch.tensor(2.0)}).tolist() == [0.0] * len(TERMS)   # vanilla: one term
+
+
+def test_shape_mismatch_names_a_parameter():
+    saved = {"a.weight": [4, 8], "a.bias": [4], "b.weight": [2, 2]}
+    assert ckpt.shape_mismatch(saved, dict(saved)) is None
+    assert ckpt.shape_mismatch(None, saved) is None                  # checkpoints that predate the record
+    why = ckpt.shape_mismatch(saved, {"a.weight": [4, 16], "a.bias": [4], "c.weight": [2, 2]})
+    assert why.startswith("3 of 4 parameters differ") and "a.weight: [4, 8] there, [4, 16] here" in why
+    assert "b.weight" not in why                                       # one example, not the list

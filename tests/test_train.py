@@ -44,6 +44,23 @@ def test_process_group_is_destroyed_before_exit(tmp_path, digits_shards):
     assert "process group alive: False" in r.stdout, r.stdout[-2000:]
 
 
+def test_a_rerun_never_overwrites_or_misloads_a_checkpoint(tmp_path, digits_shards):
+    base = (f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", "train.steps=2", "train.log_every=1")
+    assert run_train("digits_masked.yaml", *base).returncode == 0
+    run = tmp_path / "digits_masked"
+    before = (run / "metrics.jsonl").read_text()
+
+    r = run_train("digits_masked.yaml", *base, "train.steps=4", "model.width=32")   # another model, same run
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"cannot resume from {run / 'ckpt' / 'step_00000002'}: " in r.stderr
+    assert "64] there, [11, 32] here" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_train("digits_masked.yaml", *base, "train.resume=never")
+    assert r.returncode == 2 and "already holds a checkpoint (step_00000002)" in r.stderr, r.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_text() == before                   # nothing rewritten
+    assert [p.name for p in (run / "ckpt").glob("step_*")] == ["step_00000002"]
+
+
 @pytest.mark.multiproc
 def test_two_ranks_deepspeed_launcher(tmp_path, digits_shards):
     r = run_train("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={tmp_path}",

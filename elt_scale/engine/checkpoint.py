@@ -62,7 +62,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2, crash_before_pointer=False) -> str:
-    """Collective: every rank calls it. Returns the tag. `client` must be JSON-serialisable."""
+    """Collective: every rank calls it. Returns the tag. `client` must be JSON-serialisable, and its keys
+    must not be DeepSpeed's own: they are merged into its model-states dict ('param_shapes', 'module' ...)."""
     tag = tag_for(client["step"])
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client, "rng": rng_state()}, save_latest=False)
     folder = ckpt_dir / tag
@@ -96,6 +97,10 @@ def find_resume(resume: str, ckpt_dir: Path) -> Path | None:
     """train.resume=auto|never|PATH -> the checkpoint folder to resume from (or None to start fresh).
     PATH may be a run's ckpt/ directory (its pointer is followed) or one step_* folder."""
     if resume == "never":
+        if tag := read_pointer(ckpt_dir):            # starting over would prune it and rewrite metrics.jsonl
+            raise ValueError(f"train.resume=never: {ckpt_dir} already holds a checkpoint ({tag}) that a fresh "
+                             f"start would overwrite; choose another run.name or run.out_dir, or delete "
+                             f"{ckpt_dir.parent} first")
         return None
     if resume == "auto":
         tag = read_pointer(ckpt_dir)
@@ -107,6 +112,25 @@ def find_resume(resume: str, ckpt_dir: Path) -> Path | None:
         raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint there (expected a ckpt/ "
                                 f"directory with a '{POINTER}' pointer, or a step_* folder with {CLIENT_STATE})")
     return folder
+
+
+def param_shapes(model) -> dict[str, list[int]]:
+    """Recorded in each checkpoint's client state (taken before ZeRO-3 partitions the parameters)."""
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def shape_mismatch(saved: dict | None, shapes: dict) -> str | None:
+    """Why a checkpoint's weights cannot load into this model, or None (also for checkpoints that
+    predate the record): one differing parameter named, and how many differ."""
+    if not saved:
+        return None
+    names = sorted(set(saved) | set(shapes))
+    bad = [n for n in names if saved.get(n) != shapes.get(n)]
+    if not bad:
+        return None
+    n = bad[0]
+    return (f"{len(bad)} of {len(names)} parameters differ from this recipe's model, e.g. {n}: "
+            f"{saved.get(n, 'absent')} there, {shapes.get(n, 'absent')} here")
 
 
 def read_client(folder: Path) -> dict:
