@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,10 @@ def finished(out: Path, split: str, shard: ShardPlan, expect: dict) -> dict | No
             raise RuntimeError(f"{path} was written with {k}={side.get(k)!r}, this run has {v!r}: a different "
                                "input list or settings (--world-size, --samples-per-shard, tokenizer ...). "
                                "Use a fresh --out, or delete the old shards.")
+    if side.get("bytes") not in (None, path.stat().st_size):    # cut short after it was complete (disk, copy)
+        print(f"elt-tokenize: {path} has {path.stat().st_size} bytes, its sidecar says {side['bytes']}: "
+              "writing it again", file=sys.stderr)
+        return None
     return side
 
 

@@ -188,7 +188,7 @@ def check_out_dir(out: Path, config_hash: str) -> None:
     if (out / MANIFEST).exists():
         old = read_manifest(out).get("config_hash")
         if old != config_hash:
-            raise SystemExit(f"{out / MANIFEST} was written with other settings (config_hash {old} != "
+            raise ValueError(f"{out / MANIFEST} was written with other settings (config_hash {old} != "
                              f"{config_hash}); use another --out or delete it")
 
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         assign_keys(items)
         source.items = items
         if not items:
-            raise SystemExit(f"no inputs for {args.source}/{args.split} under {args.input}"
+            raise ValueError(f"no inputs for {args.source}/{args.split} under {args.input}"
                              f" ({len(source.skipped)} refused: {source.skipped[:3]})")
         check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
         tok, shape = build(args, source)

@@ -246,6 +246,22 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     assert len(read_samples(out)) == 1617 and not list(out.glob("*.tmp"))
 
 
+def test_a_complete_shard_cut_short_later_is_written_again(tmp_path, capsys):
+    out = tmp_path / "cut"
+    args = ["--source", "digits", "--split", "val", "--samples-per-shard", "60", "--out", str(out)]
+    assert tok(*args) == 0
+    whole = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    cut = out / "val-000001.tar"
+    cut.write_bytes(whole[cut.name][:4096])                      # e.g. a copy that stopped half-way
+    capsys.readouterr()
+    assert tok(*args) == 0
+    captured = capsys.readouterr()
+    assert f"{cut} has 4096 bytes, its sidecar says {len(whole[cut.name])}: writing it again" in captured.err
+    assert "2 already done" in captured.out
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == whole
+    assert len(read_samples(out, "val")) == 180
+
+
 def test_rerun_with_other_settings_refuses_to_mix(tmp_path):
     out = tmp_path / "mixed"
     rank = ["--rank", "0", "--world-size", "2"]        # no manifest.json yet: the shards' sidecars catch it
@@ -300,15 +316,17 @@ def test_adm_center_crop_keeps_the_centre():
     assert (out[..., 1] == 255).all() and (out[..., [0, 2]] == 0).all()
 
 
-def test_out_dir_from_other_settings_and_empty_input_fail_early(tmp_path):
+def test_out_dir_from_other_settings_and_empty_input_fail_early(tmp_path, capsys):
     out = tmp_path / "o"
     assert tok("--source", "digits", "--split", "val", "--out", str(out)) == 0
-    with pytest.raises(SystemExit, match="other settings"):        # before any shard is written
-        tok("--source", "digits", "--split", "train", "--levels", "9", "--out", str(out))
-    assert not list(out.glob("train-*"))
+    capsys.readouterr()
+    assert tok("--source", "digits", "--split", "train", "--levels", "9", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elt-tokenize: error: ") and "was written with other settings" in err, err
+    assert not list(out.glob("train-*"))                            # before any shard is written
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no inputs"):
-        tok("--source", "folder", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "e"))
+    assert tok("--source", "folder", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "e")) == 2
+    assert "elt-tokenize: error: no inputs for folder/train" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,words", [

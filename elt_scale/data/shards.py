@@ -95,8 +95,8 @@ class ShardFile:
     def commit(self, sidecar: dict | None = None) -> None:
         self._file.write(b"\0" * 1024)          # end-of-archive: two zero blocks
         self._file.close()
-        if sidecar is not None:
-            write_json(sidecar_path(self.path), sidecar)
+        if sidecar is not None:                 # its size lets a rerun tell a shard truncated since apart
+            write_json(sidecar_path(self.path), {**sidecar, "bytes": self.tmp.stat().st_size})
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
