@@ -257,7 +257,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-hours")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
+                   help="bf16: mixed precision (bf16 weights/grads/activations, fp32 master + Adam); "
+                        "fp32: everything fp32 (default: bf16)")
     p.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of GPU memory kept free for CUDA context, NCCL and fragmentation")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

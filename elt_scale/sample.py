@@ -204,6 +204,8 @@ def main(argv=None) -> int:
             p.error(f"{flag} {value}: must be >= 1")
     if args.temperature <= 0:
         p.error(f"--temperature {args.temperature}: must be > 0")
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__})")
 
     from .engine.export import load_model
 

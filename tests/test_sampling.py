@@ -218,6 +218,14 @@ def test_elt_sample_bad_numbers_are_usage_errors(flag, value, tiny_export, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the message on a machine without CUDA")
+def test_elt_sample_cuda_without_cuda_is_a_usage_error(tiny_export, tmp_path, capsys):
+    from elt_scale import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(tiny_export), "--device", "cuda:1", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--device cuda:1: this machine has no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model,args,words", [
     ("missing", [], "no such run directory or .safetensors file"),
     ("not_safetensors", [], "not a safetensors file"),
