@@ -283,7 +283,13 @@ def validate(r: Recipe) -> None:
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, ">= 1")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "0 (off) .. <1")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, ">= 1")
-    _check(r.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", r.deepspeed.zero_stage, "0, 1, 2, 3")
+    d = r.deepspeed
+    _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "0, 1, 2, 3")
+    # DeepSpeed documents these for those stages only and quietly ignores them at the others
+    _check(not d.offload_optimizer or d.zero_stage >= 1, "deepspeed.offload_optimizer", d.offload_optimizer,
+           "false at deepspeed.zero_stage=0 (ZeRO-Offload needs stage 1, 2 or 3)")
+    _check(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", d.offload_params,
+           f"false at deepspeed.zero_stage={d.zero_stage} (parameters are partitioned, so offloadable, only at stage 3)")
     _check(r.data.shuffle_buffer >= 0, "data.shuffle_buffer", r.data.shuffle_buffer, ">= 0")
     _check(r.data.num_workers >= 0, "data.num_workers", r.data.num_workers, ">= 0")
 

@@ -26,6 +26,8 @@ def test_recipe_loads_with_overrides():
     ("model.family=gan", ["model.family", "masked", "diffusion"]),
     ("train.checkpointing=all", ["train.checkpointing", "none", "loop", "layer"]),
     ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "0, 1, 2, 3"]),
+    ("deepspeed.offload_optimizer=true", ["deepspeed.offload_optimizer", "ZeRO-Offload needs stage 1, 2 or 3"]),
+    ("deepspeed.offload_params=true", ["deepspeed.offload_params", "deepspeed.zero_stage=0", "only at stage 3"]),
     ("model.width=65", ["model.width", "multiple of model.heads"]),
 ])
 def test_bad_values_name_the_key(override, words):

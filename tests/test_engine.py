@@ -116,6 +116,20 @@ def test_exact_resume_zero3(straight, tmp_path, digits_shards):
     assert_same_state(ref, tmp_path / "z3", STEPS)                    # weights and EMA
 
 
+@pytest.mark.parametrize("stage,offload", [(2, ("deepspeed.offload_optimizer=true",)),
+                                          (3, ("deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"))])
+def test_offload_trains_and_resumes_exactly(stage, offload, tmp_path, digits_shards):
+    """ZeRO-Offload (DeepSpeed's CPU Adam, params in host memory under ZeRO-3): a run stopped at step 2
+    and resumed is bitwise the straight run."""
+    extra = (f"deepspeed.zero_stage={stage}", *offload)
+    ref = tmp_path / "straight"
+    ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "straight", *extra), nprocs=2))
+    copy_checkpoint(ref, tmp_path / "resumed", 2)
+    ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "resumed", *extra), nprocs=2))
+    same_rows(read_metrics(tmp_path / "resumed"), read_metrics(ref))
+    assert_same_state(ref, tmp_path / "resumed", STEPS)
+
+
 def wait_for_step(run_dir, step, proc, old_inode, timeout=300):
     """Until the resumed run (which rewrites metrics.jsonl, so a new inode) has logged `step`."""
     t0, path = time.time(), run_dir / "metrics.jsonl"

@@ -117,3 +117,17 @@ def test_shape_mismatch_names_a_parameter():
     why = ckpt.shape_mismatch(saved, {"a.weight": [4, 16], "a.bias": [4], "c.weight": [2, 2]})
     assert why.startswith("3 of 4 parameters differ") and "a.weight: [4, 8] there, [4, 16] here" in why
     assert "b.weight" not in why                                       # one example, not the list
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_optimizer_keeps_norms_and_biases_out_of_weight_decay(offload):
+    from elt_scale.engine.ds_config import make_optimizer
+    from elt_scale.models import build_model
+    recipe = load_recipe(ROOT / "recipes" / "digits_masked.yaml",
+                         ["deepspeed.zero_stage=2", f"deepspeed.offload_optimizer={str(offload).lower()}"])
+    model = build_model(recipe)
+    opt = make_optimizer(recipe, model)
+    assert type(opt).__name__ == ("DeepSpeedCPUAdam" if offload else "AdamW")   # Offload accepts only its own
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == recipe.train.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}

@@ -63,18 +63,19 @@ def make_ds_config(recipe, world: int) -> dict:
         "steps_per_print": 10**9,           # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if d.offload_optimizer:                  # ZeRO-Offload needs DeepSpeed's CPU Adam
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
-                                                       "weight_decay": t.weight_decay}}
     return merge(cfg, d.extra)
 
 
 def make_optimizer(recipe, model):
-    """torch AdamW (fused on GPU); no weight decay on norms, biases and embeddings-as-vectors."""
+    """torch AdamW (fused on GPU), DeepSpeed's CPU Adam under ZeRO-Offload; no weight decay on norms, biases
+    and embeddings-as-vectors."""
     t = recipe.train
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.deepspeed.offload_optimizer:   # ZeRO-Offload steps on the host and accepts only its CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), adamw_mode=True)
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), fused=torch.cuda.is_available())
     if own_clip(recipe):          # unwrapped by DeepSpeed: skip non-finite steps ourselves
         return GuardedAdamW(groups, max_grad_norm=t.grad_clip, **kwargs)
