@@ -116,6 +116,19 @@ def test_exact_resume_zero3(straight, tmp_path, digits_shards):
     assert_same_state(ref, tmp_path / "z3", STEPS)                    # weights and EMA
 
 
+def test_resume_on_another_zero_stage(straight, tmp_path, digits_shards):
+    """ZeRO-2 checkpoint -> ZeRO-3 run on the same 2 ranks: fp32 weights consolidated and EMA re-sliced, so
+    step 3's loss (the resumed weights, same batch and masks) equals the straight run's; Adam restarts."""
+    ref, _ = straight(2)
+    copy_checkpoint(ref, tmp_path / "z2to3", 2)
+    ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "z2to3", "deepspeed.zero_stage=3"), nprocs=2))
+    rows, want = read_metrics(tmp_path / "z2to3"), read_metrics(ref)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[2]["loss"] == pytest.approx(want[2]["loss"], rel=1e-5)
+    assert (rows[3]["lr"], rows[3]["l_int"]) == (want[3]["lr"], want[3]["l_int"])
+    consolidate(tmp_path / "z2to3" / "ckpt" / ckpt.tag_for(STEPS))
+
+
 @pytest.mark.parametrize("stage,offload", [(2, ("deepspeed.offload_optimizer=true",)),
                                           (3, ("deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"))])
 def test_offload_trains_and_resumes_exactly(stage, offload, tmp_path, digits_shards):
