@@ -29,11 +29,12 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""                  # directory with manifest.json + {split}-NNNNNN.tar, or a brace pattern
+    shards: str = ""                  # directory or http(s) URL with manifest.json, a brace pattern, or pipe:CMD
     split: str = "train"
     shuffle_buffer: int = 1000
     num_workers: int = 0
     strict: bool = False              # corrupt shard / unexpected member: fatal (True) or skipped and counted
+    allow_pipe: bool = False          # let data.shards be a `pipe:` command (webdataset), e.g. for s3:// or gs://
 
 
 @dataclass

@@ -1,7 +1,5 @@
-"""The shard loader: exact resume, corrupt shards skipped or fatal, manifest/recipe checks, tar parsing."""
-import io
+"""The shard loader: exact resume, corrupt shards skipped or fatal, manifest/recipe checks."""
 import logging
-import tarfile
 
 import numpy as np
 import pytest
@@ -9,7 +7,6 @@ import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.data import ShardError, make_loader
-from elt_scale.data.reader import CorruptShard, tar_members
 from elt_scale.data.shards import FORMAT, ShardWriter, write_manifest
 
 
@@ -22,7 +19,8 @@ def write_shards(out, n=300, per_shard=50, shape=(8, 8)):
                          "sample": {"kind": "codes", "shape": list(shape), "dtype": "int16", "vocab_size": 17,
                                     "scaling_factor": 1.0},
                          "num_classes": 10, "class_names": [str(i) for i in range(10)],
-                         "splits": {"train": {"num_samples": n, "shards": w.written, "class_counts": {}}},
+                         "splits": {"train": {"num_samples": n, "shards": w.written, "class_counts": {},
+                                              "shard_sizes": [min(per_shard, n - i) for i in range(0, n, per_shard)]}},
                          "config_hash": "test", "skipped": []})
     return out
 
@@ -120,22 +118,3 @@ def test_manifest_recipe_mismatch_fails_before_training(tmp_path):
         make_loader(recipe(shards, "model.family=diffusion"))
     with pytest.raises(ValueError, match="vocab_size 17 > model.vocab_size 8"):
         make_loader(recipe(shards, "model.vocab_size=8"))
-
-
-def test_tar_parser_matches_tarfile_and_checks_headers():
-    buf = io.BytesIO()
-    long_name = "k" * 150 + ".input.npy"
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, payload in [("a.cls", b"3"), (long_name, b"x" * 1000), ("dir/b.cls", b"")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    data = buf.getvalue()
-    assert [(n, bytes(p)) for n, p in tar_members(data)] == [("a.cls", b"3"), (long_name, b"x" * 1000),
-                                                             ("dir/b.cls", b"")]
-    flipped = bytearray(data)
-    flipped[10] ^= 1
-    with pytest.raises(CorruptShard, match="checksum"):
-        list(tar_members(bytes(flipped)))
-    with pytest.raises(CorruptShard, match="truncated"):
-        list(tar_members(data[:1100]))

@@ -1,43 +1,32 @@
-"""Stream shards into training batches: deterministic, split by rank and worker, resumable.
+"""Stream shards into training micro-batches: the same global batches for any layout, resumable in O(1).
 
-Each (rank, worker) slot reads an infinite stream: epoch e visits the shards in an order drawn from
-(seed, e); with at least as many shards as slots each slot owns whole shards, otherwise every slot
-reads all shards and keeps every slots-th sample. A seeded shuffle buffer follows. The stream is a pure
-function of (seed, rank, world, workers), so the data position saved in a checkpoint is just the number
-of batches consumed; resuming fast-forwards each worker's stream past its share of those batches
-(reading, not decoding or batching, what it skips) and lands on exactly the next batch.
+`order.Order` says which samples form micro-batch j of global batch b; this module reads them. A rank
+owns streams j = rank * grad_accum + a and reads whole shuffle windows of them (the unit of work, also
+across DataLoader workers: window-item i goes to worker i % workers), only the shards under its own
+spans. A resumed loader at global batch P opens the shard under P's window directly: time to the first
+batch does not grow with P.
 
-Only the members in ALLOWED_MEMBERS are ever looked at, `.npy` is parsed with pickles refused, and
-a refused sample or a corrupt shard is fatal with data.strict=true, else skipped with a warning and
-counted (`Loader.bad_samples`, `Loader.bad_shards`)."""
+A refused sample or an unreadable shard is fatal with data.strict=true, else skipped with a warning and
+counted (`Loader.bad_samples`, `Loader.bad_shards`); its place in the window is taken by another readable
+sample of the same window (or, when the whole window is unreadable, of the same stream's span), so
+every batch stays full and the order of all other samples is unchanged."""
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing as mp
-import random
-from pathlib import Path
+import tarfile
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .reader import CorruptShard, NpyDecoder
-from .reader import samples as shard_samples
-from .shards import ALLOWED_MEMBERS, LABEL_MEMBER, SAMPLE_MEMBER, read_manifest
+from .order import Order
+from .webds import ShardError, decode_sample, load_manifest, shard_samples, shard_urls
 
 log = logging.getLogger(__name__)
 
-
-class ShardError(RuntimeError):
-    """A shard or a sample in it is unreadable or holds something it must not; names shard and key."""
-
-
-def shard_paths(shards: str, split: str, manifest: dict) -> list[str]:
-    names = manifest["splits"].get(split, {}).get("shards", [])
-    if not names:
-        raise FileNotFoundError(f"{shards}: manifest lists no shards for split {split!r} "
-                                f"(splits: {', '.join(manifest['splits']) or 'none'})")
-    return [str(Path(shards) / n) for n in names]
+UNREADABLE = (tarfile.TarError, OSError, EOFError, ValueError)   # what a broken or vanished shard raises
 
 
 def check_manifest(manifest: dict, recipe, where: str) -> None:
@@ -61,163 +50,178 @@ def check_manifest(manifest: dict, recipe, where: str) -> None:
         raise ValueError(f"{where}: manifest does not fit the recipe: " + "; ".join(problems))
 
 
-class ShardStream(IterableDataset):
-    """Infinite stream of ready micro-batches (inputs, labels) for one (rank, worker) slot.
+class ShardCursors:
+    """Open shard streams of one worker, kept at their next sample so consecutive windows continue
+    a shard instead of reopening it."""
 
-    Batches are built inside the worker (one np.stack per batch instead of a collate per sample), and
-    `skip_batches` fast-forwards a resumed stream: what it skips is read but never batched or shipped."""
+    def __init__(self, dataset: "WindowStream", keep: int):
+        self.ds, self.keep = dataset, keep
+        self.open: collections.OrderedDict = collections.OrderedDict()   # shard -> (samples iterator, next index)
 
-    def __init__(self, paths: list[str], seed: int, rank: int, world: int, shuffle_buffer: int,
-                 kind: str, strict: bool, batch_size: int = 1, skip_batches: int = 0):
-        self.paths, self.seed, self.rank, self.world = paths, seed, rank, world
-        self.shuffle_buffer, self.kind, self.strict = shuffle_buffer, kind, strict
-        self.batch_size, self.skip_batches = batch_size, skip_batches
-        # shared with worker processes, so the main process sees what they skipped
-        self._bad_shards, self._bad_samples = mp.Value("l", 0), mp.Value("l", 0)
-
-    @property
-    def bad_shards(self) -> int:
-        return self._bad_shards.value
-
-    @property
-    def bad_samples(self) -> int:
-        return self._bad_samples.value
-
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info else (0, 1)
-
-    def _records(self, path: str):
-        """(key, members) of every sample in a shard; a broken shard ends early with a warning."""
+    def read(self, shard: int, first: int, count: int) -> list:
+        """Decoded samples first..first+count-1 of a shard; None where unreadable or refused."""
+        it, at = self.open.pop(shard, (None, -1))
+        if at != first:
+            if it is not None:
+                it.close()
+            it, at = shard_samples(self.ds.urls[shard], self.ds._bytes_read), 0
+        url, out = self.ds.urls[shard], []
         try:
-            with open(path, "rb") as f:
-                buf = f.read()
-            yield from shard_samples(buf)
-        except (CorruptShard, OSError) as e:
-            if self.strict:
-                raise ShardError(f"shard {path}: {e} (data.strict=true)") from e
-            with self._bad_shards.get_lock():
-                self._bad_shards.value += 1
-            log.warning("skipping the rest of unreadable shard %s (%s); %d shard(s) skipped so far",
-                        path, e, self.bad_shards)
+            for _ in range(first - at):               # read past, not decoded
+                next(it)
+            for _ in range(count):
+                out.append(self._decode(*next(it), url))
+        except StopIteration:                          # fewer samples than the manifest says
+            self._bad_shard(url, f"ends after {first + len(out)} samples")
+            it = None
+        except UNREADABLE as e:
+            self._bad_shard(url, e)
+            it = None
+        if it is not None:
+            self.open[shard] = (it, first + count)
+            while len(self.open) > self.keep:
+                self.open.popitem(last=False)[1][0].close()
+        return out + [None] * (count - len(out))
 
-    def _decode(self, key: str, members: dict, path: str, npy: NpyDecoder):
-        """A sample's (array, label), or None when refused and data.strict is off."""
+    def _decode(self, key: str, members: dict, url: str):
         try:
-            names = set(members)
-            unexpected = names - ALLOWED_MEMBERS
-            if unexpected or SAMPLE_MEMBER not in names or LABEL_MEMBER not in names:
-                what = f"unexpected member(s) {sorted(unexpected)}" if unexpected else f"members {sorted(names)}"
-                raise ShardError(f"{what}; only {sorted(ALLOWED_MEMBERS)} are read (nothing else is ever decoded)")
-            try:
-                x = npy(members[SAMPLE_MEMBER]).copy()
-            except ValueError as e:
-                raise ShardError(f"{SAMPLE_MEMBER} refused ({e})") from e
-            try:
-                label = int(bytes(members[LABEL_MEMBER]))
-            except ValueError as e:
-                raise ShardError(f"{LABEL_MEMBER} is not an integer") from e
-            return x, label
+            return decode_sample(key, members, url)
         except ShardError as e:
-            msg = f"shard {path}, sample {key!r}: {e}"
-            if self.strict:
-                raise ShardError(msg) from None
-            with self._bad_samples.get_lock():
-                self._bad_samples.value += 1
-            log.warning("skipping %s; %d sample(s) skipped so far", msg, self.bad_samples)
+            if self.ds.strict:
+                raise
+            with self.ds._bad_samples.get_lock():
+                self.ds._bad_samples.value += 1
+            log.warning("skipping %s; %d sample(s) skipped so far", e, self.ds.bad_samples)
             return None
 
-    def samples(self, slot: int, slots: int):
-        """The slot's infinite, deterministic sample stream (after the shuffle buffer)."""
-        buffer, epoch, npy = [], 0, NpyDecoder()
-        rng = random.Random(f"{self.seed}/{slot}")
+    def _bad_shard(self, url: str, why) -> None:
+        if self.ds.strict:
+            raise ShardError(f"shard {url}: {why} (data.strict=true)")
+        with self.ds._bad_shards.get_lock():
+            self.ds._bad_shards.value += 1
+        log.warning("skipping the rest of unreadable shard %s (%s); %d shard(s) skipped so far",
+                    url, why, self.ds.bad_shards)
+
+
+class WindowStream(IterableDataset):
+    """The rank's shuffle windows in delivery order, as (inputs, labels) of shape (batches, m, ...):
+    for every window index from the start position on, one window of each of the rank's streams."""
+
+    def __init__(self, urls: list[str], order: Order, streams: list[int], kind: str, strict: bool,
+                 start_batch: int = 0):
+        self.urls, self.order, self.streams, self.kind, self.strict = urls, order, streams, kind, strict
+        self.start_batch = start_batch
+        # shared with worker processes, so the main process sees what they skipped and read
+        self._bad_shards, self._bad_samples, self._bytes_read = mp.Value("l", 0), mp.Value("l", 0), mp.Value("q", 0)
+
+    bad_shards = property(lambda self: self._bad_shards.value)
+    bad_samples = property(lambda self: self._bad_samples.value)
+    bytes_read = property(lambda self: self._bytes_read.value)
+
+    def items(self):
+        """(epoch, window, stream) of every window-item, from the start position on, forever."""
+        o = self.order
+        epoch, window, _ = o.locate(self.start_batch)
         while True:
-            order = list(self.paths)
-            random.Random(f"{self.seed}/epoch{epoch}").shuffle(order)
-            whole_shards = len(order) >= slots
-            mine = order[slot::slots] if whole_shards else order
-            n = got = 0
-            for path in mine:
-                for key, members in self._records(path):
-                    n += 1
-                    if not whole_shards and (n - 1) % slots != slot:
-                        continue
-                    item = self._decode(key, members, path, npy)
-                    if item is None:
-                        continue
-                    got += 1
-                    if self.shuffle_buffer == 0:
-                        yield item
-                        continue
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(item)
-                        continue
-                    i = rng.randrange(len(buffer))
-                    buffer[i], item = item, buffer[i]
-                    yield item
-            if got == 0:    # nothing readable this epoch: fail rather than spin forever on an empty stream
-                raise ShardError(f"no readable samples in {len(mine)} shard(s) for slot {slot} "
-                                 f"(first: {mine[0] if mine else 'none'})")
-            epoch += 1      # the shuffle buffer carries over, so the stream stays continuous
+            for w in range(window, o.windows_per_epoch):
+                for j in self.streams:
+                    yield epoch, w, j
+            epoch, window = epoch + 1, 0
+
+    def read_window(self, epoch: int, window: int, stream: int, cursors: ShardCursors):
+        o = self.order
+        start, end = o.window_range(stream, window)
+        samples = self._read(epoch, start, end, cursors)
+        if any(s is None for s in samples):
+            samples = self._fill_holes(samples, epoch, stream, end, cursors)
+        samples = [samples[i] for i in o.permutation(epoch, stream, window, len(samples))]
+        x = np.stack([a for a, _ in samples]).astype(np.int64 if self.kind == "codes" else np.float32)
+        m = o.micro_batch
+        return (torch.from_numpy(x).view(-1, m, *x.shape[1:]),
+                torch.tensor([label for _, label in samples]).view(-1, m))
+
+    def _read(self, epoch: int, start: int, end: int, cursors: ShardCursors) -> list:
+        return [s for shard, first, count in self.order.pieces(epoch, start, end)
+                for s in cursors.read(shard, first, count)]
+
+    def _fill_holes(self, samples: list, epoch: int, stream: int, end: int, cursors: ShardCursors) -> list:
+        """Each unreadable place takes a readable sample of the window, in turn; a wholly unreadable window
+        borrows from the rest of the stream's span. Deterministic, so resume and layouts still agree."""
+        readable = [s for s in samples if s is not None]
+        if not readable:
+            first, last = stream * self.order.span, (stream + 1) * self.order.span
+            for a, b in ((end, last), (first, end - len(samples))):
+                readable = readable or [s for s in self._read(epoch, a, b, cursors) if s is not None]
+        if not readable:
+            shards = sorted({self.urls[s] for s, _, _ in self.order.pieces(epoch, stream * self.order.span,
+                                                                             (stream + 1) * self.order.span)})
+            raise ShardError(f"no readable samples in stream {stream}'s {len(shards)} shard(s) of epoch {epoch} "
+                             f"(first: {shards[0]})")
+        fill = iter(readable * len(samples))
+        return [s if s is not None else next(fill) for s in samples]
 
     def __iter__(self):
-        wid, workers = self._worker()
-        # DataLoader starts its round robin at worker 0, and resumed global batch P belongs to logical
-        # worker P % workers: rotate, so every worker keeps the slot (and stream) it had before
-        wid = (wid + self.skip_batches) % workers
-        stream = self.samples(self.rank * workers + wid, self.world * workers)
-        # DataLoader takes batch k from worker k % workers: this worker's share of the skipped batches
-        for _ in range(max(0, self.skip_batches - wid + workers - 1) // workers * self.batch_size):
-            next(stream)
-        as_type = np.int64 if self.kind == "codes" else np.float32
-        while True:
-            items = [next(stream) for _ in range(self.batch_size)]
-            x = torch.from_numpy(np.stack([a for a, _ in items]).astype(as_type))
-            yield x, torch.tensor([label for _, label in items])
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        cursors = ShardCursors(self, keep=2 * len(self.streams) + 2)
+        for i, (epoch, window, stream) in enumerate(self.items()):
+            if i % workers == wid:
+                yield self.read_window(epoch, window, stream, cursors)
 
 
 class Loader:
-    """Iterator of (inputs, labels) micro-batches that knows its position for exact resume."""
+    """Iterator of (inputs, labels) micro-batches of one rank, in (global batch, micro-step) order;
+    `position` is the number of global batches fully handed out (what a checkpoint saves)."""
 
-    def __init__(self, dataset: ShardStream, batch_size: int, num_workers: int, position: int = 0):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        dataset.batch_size, dataset.skip_batches = batch_size, position   # the stream skips, nothing replays here
-        self.position = position
+    def __init__(self, dataset: WindowStream, num_workers: int, position: int = 0):
+        self.dataset, self.num_workers, self.position = dataset, num_workers, position
+        self._skip = dataset.order.locate(position)[2]     # resumed mid-window: its first batches are done
+        self._pending: collections.deque = collections.deque()
+        self._handed = 0
         self._it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                    pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                                    persistent_workers=num_workers > 0))
 
-    @property
-    def bad_shards(self) -> int:
-        return self.dataset.bad_shards
+    bad_shards = property(lambda self: self.dataset.bad_shards)
+    bad_samples = property(lambda self: self.dataset.bad_samples)
+    bytes_read = property(lambda self: self.dataset.bytes_read)
 
-    @property
-    def bad_samples(self) -> int:
-        return self.dataset.bad_samples
+    def _fill(self) -> None:
+        windows = [next(self._it) for _ in self.dataset.streams]      # one per micro-step of this rank
+        for k in range(self._skip, windows[0][0].shape[0]):
+            self._pending.extend((x[k], y[k]) for x, y in windows)
+        self._skip = 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batch = next(self._it)
-        self.position += 1
-        return batch
+        while not self._pending:
+            self._fill()
+        self._handed += 1
+        if self._handed % len(self.dataset.streams) == 0:
+            self.position += 1
+        return self._pending.popleft()
 
 
 def check_data(recipe) -> tuple[dict, list[str]]:
-    """The recipe's shards exist, fit its model and list its split -> (manifest, shard paths)."""
+    """The recipe's shards exist, fit its model and list its split -> (manifest, shard URLs or paths)."""
     d = recipe.data
     try:
-        manifest = read_manifest(d.shards)
+        manifest = load_manifest(d.shards, d.allow_pipe)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data.shards={d.shards}: {e}") from None
     check_manifest(manifest, recipe, d.shards)
-    return manifest, shard_paths(d.shards, d.split, manifest)
+    return manifest, shard_urls(d.shards, d.split, manifest)[0]
 
 
 def make_loader(recipe, rank: int = 0, world: int = 1, position: int = 0) -> Loader:
-    d = recipe.data
-    manifest, paths = check_data(recipe)
-    ds = ShardStream(paths, recipe.run.seed, rank, world, d.shuffle_buffer, manifest["sample"]["kind"], d.strict,
-                     recipe.train.micro_batch)
-    return Loader(ds, recipe.train.micro_batch, d.num_workers, position)
+    """Rank `rank`'s loader, at global batch `position`."""
+    d, t = recipe.data, recipe.train
+    manifest, _ = check_data(recipe)
+    urls, sizes = shard_urls(d.shards, d.split, manifest)
+    order = Order(tuple(sizes), recipe.run.seed, t.micro_batch * t.grad_accum * world, t.micro_batch,
+                  d.shuffle_buffer)
+    streams = list(range(rank * t.grad_accum, (rank + 1) * t.grad_accum))
+    ds = WindowStream(urls, order, streams, manifest["sample"]["kind"], d.strict, position)
+    return Loader(ds, d.num_workers, position)
