@@ -40,19 +40,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def step_generator(seed: int, step: int, rank: int, micro: int, device="cpu") -> torch.Generator:
-    """All randomness of one micro-step (masks, noise, t, label drop) from (seed, step, rank, micro):
-    reproducible after a resume without saving RNG state. On the training device, so preparing a batch
-    needs no copy from the host (a pageable copy would wait for the GPU's queue); the CPU and CUDA
-    streams differ, each is reproducible."""
-    return torch.Generator(device=device).manual_seed(hash((seed, step, rank, micro)) % (2**63))
+def step_generator(seed: int, step: int, index: int, device="cpu") -> torch.Generator:
+    """All randomness of one micro-batch (masks, noise, t, label drop) from (seed, step, index), index =
+    rank * grad_accum + micro being the micro-batch's place in the global batch: the same draws for any
+    world size x grad_accum, and after a resume without saving RNG state. On the training device, so
+    preparing a batch needs no copy from the host (a pageable copy would wait for the GPU's queue); the
+    CPU and CUDA streams differ, each is reproducible."""
+    return torch.Generator(device=device).manual_seed(hash((seed, step, index)) % (2**63))
 
 
 def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: int):
     """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ)."""
     r = recipe
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
-    prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, rank, micro, engine.device))
+    index = rank * r.train.grad_accum + micro
+    prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, index, engine.device))
     l_max = r.model.loops
     if r.ilsd.enabled:
         l_int = draw_l_int(r.run.seed, step, r.ilsd.min_loops, l_max)     # same on every rank, no comm
@@ -76,6 +78,14 @@ def agree(bad: torch.Tensor, preempt: bool) -> list[float]:
     t = torch.cat([bad.float(), torch.tensor([float(preempt)], device=bad.device)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def global_mean(sums: dict, count: int) -> dict:
+    """Loss terms summed over this rank's micro-batches -> their mean over the whole global batch (one
+    all-reduce; called on logging steps only, by every rank), so the logged curve is layout-free."""
+    t = torch.stack(list(sums.values()))
+    dist.all_reduce(t)
+    return dict(zip(sums, (t / count).tolist()))
 
 
 def as_float(x) -> float | None:
@@ -176,10 +186,12 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
     lam, status = None, 0
     for step in range(start, t.steps):
         done = step + 1
-        skipped_before, bad = engine.skipped_steps, None
+        skipped_before, bad, sums = engine.skipped_steps, None, {}
         for micro in range(t.grad_accum):
             loss, terms, l_int, lam = train_step(engine, objective, next(loader), recipe, step, rank, micro)
             bad = term_flags(terms) if bad is None else torch.maximum(bad, term_flags(terms))
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
         skipped = engine.skipped_steps > skipped_before
         if ema and not skipped:
             ema.update()
@@ -194,8 +206,10 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
                 print(f"elt-train: stopping: {e}", file=sys.stderr)
             status = 3
             break
-        if rank == 0 and (done % t.log_every == 0 or done == t.steps or preempted):
-            row = {"step": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+        log_now = done % t.log_every == 0 or done == t.steps or preempted     # the same on every rank
+        means = global_mean(sums, world * t.grad_accum) if log_now else None
+        if rank == 0 and log_now:
+            row = {"step": done, **means,
                    "lambda": lam, "l_int": l_int, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                    "skipped_steps": guard.skipped, **meter.read(), "world_size": world}
             metrics.write(row)
