@@ -1,4 +1,5 @@
-"""Benchmark: shard streaming (samples/s per worker) and tokenization throughput (files/s).
+"""Benchmark: shard streaming through webdataset (samples/s per worker, time to first batch after a
+resume, bytes read per rank) and tokenization throughput (files/s).
 
 Protocol
 --------
@@ -8,18 +9,21 @@ Protocol
 2. Loader: `make_loader` from a recipe matching each shape, micro-batch 64, shuffle buffer 1,000,
    num_workers 0 (the main process is the single worker: this is the per-worker number) and, with
    --workers N, N worker processes. 30 batches warm-up, then samples/s over the next --batches batches.
-   Each configuration runs --repeats times; the median is reported. Resume cost: the samples/s one
-   worker fast-forwards through when a loader is made at position 500 (32,000 samples).
-3. Tokenization: data_prep/tokenize.py with the pixels tokenizer over (a) the built-in digits
+   Each configuration runs --repeats times; the median is reported.
+3. Resume: wall time from `make_loader(position=P)` to its first batch, for P = 0, P = 10 epochs and
+   P = 10.5 epochs (mid-epoch, mid-shard), median of --repeats; the ratio to P = 0 is reported
+   (target <= 1.5: the loader opens the shard under P instead of reading what came before).
+4. Bytes read per rank: two loaders (rank 0 and 1 of world 2) each take one epoch of batches; the bytes
+   each read through webdataset's gopen, as a fraction of the split's shard bytes (target about 0.5).
+5. Tokenization: data_prep/tokenize.py with the pixels tokenizer over (a) the built-in digits
    (1617 images) and (b) a folder of 512 generated 64x48 JPEGs at --resolution 32, --workers 0 and
    --workers 2; files/s = inputs / wall time of main(), so start-up is included (source listing,
    and for digits scikit-learn's import and load_digits, about a second); tqdm's bar shows the
    steady rate.
-Report the machine (CPU model, core count) with the numbers; the target is >= 3,000 latent samples/s
-per worker on the 2-core CPU machine.
+Report the machine (CPU model, core count, other load) with the numbers; the target is >= 5,000 latent
+samples/s per worker on the 2-core CPU machine.
 
     python bench/dataloader.py [--batches 200] [--repeats 3] [--workers 2]
-"""
 from __future__ import annotations
 
 import argparse
@@ -62,13 +66,13 @@ def make_shards(out: Path, kind: str, shape: list[int], dtype, n: int = 20000, p
                          "sample": {"kind": kind, "shape": shape, "dtype": np.dtype(dtype).name,
                                     "vocab_size": 1024 if kind == "codes" else None, "scaling_factor": 1.0},
                          "num_classes": 1000, "class_names": [str(i) for i in range(1000)],
-                         "splits": {"train": {"num_samples": n, "shards": w.written,
-                                              "class_counts": {}}}, "config_hash": "bench", "skipped": []})
+                         "splits": {"train": {"num_samples": n, "shards": w.written, "class_counts": {},
+                                              "shard_sizes": [per_shard] * (n // per_shard)}},
+                         "config_hash": "bench", "skipped": []})
 
 
 def loader_rate(shards: Path, overrides: list[str], workers: int, batches: int) -> float:
-    recipe = load_recipe(None, [f"data.shards={shards}", f"data.num_workers={workers}", "data.shuffle_buffer=1000",
-                                "train.micro_batch=64", "model.num_classes=1000", *overrides])
+    recipe = bench_recipe(shards, [f"data.num_workers={workers}", *overrides])
     loader = make_loader(recipe)
     for _ in range(30):
         next(loader)
@@ -80,13 +84,29 @@ def loader_rate(shards: Path, overrides: list[str], workers: int, batches: int) 
     return rate
 
 
-def skip_rate(shards: Path, overrides: list[str], batches: int = 500) -> float:
-    """Resume cost: samples/s a worker fast-forwards through (make_loader(position=...) to first batch)."""
-    recipe = load_recipe(None, [f"data.shards={shards}", "data.shuffle_buffer=1000", "train.micro_batch=64",
-                                "model.num_classes=1000", *overrides])
+def bench_recipe(shards: Path, overrides: list[str]):
+    return load_recipe(None, [f"data.shards={shards}", "data.shuffle_buffer=1000", "train.micro_batch=64",
+                              "model.num_classes=1000", *overrides])
+
+
+def first_batch_seconds(shards: Path, overrides: list[str], position: int) -> float:
+    """Resume cost: make_loader(position=...) to its first batch."""
     t = time.perf_counter()
-    next(make_loader(recipe, position=batches))
-    return (batches + 1) * 64 / (time.perf_counter() - t)
+    next(make_loader(bench_recipe(shards, overrides), position=position))
+    return time.perf_counter() - t
+
+
+def bytes_per_rank(shards: Path, overrides: list[str], world: int = 2) -> list[float]:
+    """Fraction of the split's shard bytes each rank reads in one epoch."""
+    recipe = bench_recipe(shards, overrides)
+    total = sum(p.stat().st_size for p in shards.glob("*.tar"))
+    out = []
+    for rank in range(world):
+        loader = make_loader(recipe, rank, world)
+        for _ in range(loader.dataset.order.batches_per_epoch):
+            next(loader)
+        out.append(loader.bytes_read / total)
+    return out
 
 
 def tokenize_rate(args: list[str], n: int) -> float:
@@ -127,7 +147,15 @@ def main() -> None:
             per = "per worker" if workers == 0 else f"with {workers} workers"
             print(f"loader {name:28s} {per:16s} {statistics.median(rates):9.0f} samples/s "
                   f"(runs: {', '.join(f'{r:.0f}' for r in rates)})")
-        print(f"resume fast-forward {name:16s} per worker      {skip_rate(shards, overrides):9.0f} samples/s")
+        epoch = make_loader(bench_recipe(shards, overrides)).dataset.order.batches_per_epoch
+        first = {p: statistics.median(first_batch_seconds(shards, overrides, p) for _ in range(a.repeats))
+                 for p in (0, 10 * epoch, 10 * epoch + epoch // 2)}
+        print(f"first batch {name:28s} at 0: {first[0]:.3f} s; after 10 epochs: {first[10 * epoch]:.3f} s "
+              f"(x{first[10 * epoch] / first[0]:.2f}); after 10.5: {first[10 * epoch + epoch // 2]:.3f} s "
+              f"(x{first[10 * epoch + epoch // 2] / first[0]:.2f})")
+        if kind == "latents":
+            print(f"bytes read per rank per epoch, 2 ranks: "
+                  f"{', '.join(f'{f:.3f}' for f in bytes_per_rank(shards, overrides))} of the split")
     if not a.skip_tokenize:
         make_jpegs(root / "jpegs")
         for workers in (0, 2):

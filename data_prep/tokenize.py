@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data_prep.plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
+from data_prep.shard_plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
                             rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
 from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json  # noqa: E402

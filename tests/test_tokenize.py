@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_prep import tokenize
-from data_prep.plan import plan_shards, rank_from_env
+from data_prep.shard_plan import plan_shards, rank_from_env
 from elt_scale.data.shards import decode_npy
 
 ROOT = Path(__file__).resolve().parent.parent
