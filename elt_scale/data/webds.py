@@ -8,9 +8,10 @@ how a shard's samples are read, and how a sample is decoded safely.
   pipe:aws s3 cp s3://b/train-{0..9}.tar -   a shell command per shard; only with data.allow_pipe=true
 and the manifest is read from beside the shards over the same scheme.
 
-Only a sample's own members are read (ALLOWED_MEMBERS); `.npy` is loaded with pickles refused."""
+Only a sample's own members are read (ALLOWED_MEMBERS); `.npy` is parsed with pickles refused."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -136,6 +137,34 @@ def shard_samples(url: str, bytes_read=None):
         f.close()
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple:
+    """(shape, order, dtype, items) from a .npy header, parsed by numpy's own (literal_eval) reader; object
+    dtypes raise as np.load(allow_pickle=False) does. Cached: all samples of a dataset share one header, and
+    parsing it is most of np.load's cost."""
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f".npy format version {version} is not supported")
+    shape, fortran, dtype = readers[version](f)
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded when allow_pickle=False")
+    return shape, "F" if fortran else "C", dtype, int(np.prod(shape, dtype=np.int64))
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """`.npy` bytes -> array, never unpickling (a read-only view of `data`)."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy payload")
+    size_bytes = 2 if data[6] == 1 else 4
+    offset = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    shape, order, dtype, count = _npy_header(bytes(data[:offset]))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"array data truncated: {len(data) - offset} bytes for shape {shape} {dtype}")
+    return np.frombuffer(data, dtype, count, offset).reshape(shape, order=order)
+
+
 def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
     """A sample's (array, label); anything else in it is refused, never decoded."""
     unexpected = set(members) - ALLOWED_MEMBERS
@@ -144,7 +173,7 @@ def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
             what = f"unexpected member(s) {sorted(unexpected)}" if unexpected else f"members {sorted(members)}"
             raise ShardError(f"{what}; only {sorted(ALLOWED_MEMBERS)} are read (nothing else is ever decoded)")
         try:
-            x = np.load(io.BytesIO(members[SAMPLE_MEMBER]), allow_pickle=False)
+            x = load_npy(members[SAMPLE_MEMBER])
         except ValueError as e:
             raise ShardError(f"{SAMPLE_MEMBER} refused ({e})") from e
         try:
