@@ -9,7 +9,9 @@ Protocol
 2. Loader: `make_loader` from a recipe matching each shape, micro-batch 64, shuffle buffer 1,000,
    num_workers 0 (the main process is the single worker: this is the per-worker number) and, with
    --workers N, N worker processes. 30 batches warm-up, then samples/s over the next --batches batches.
-   Each configuration runs --repeats times; the median is reported.
+   Each configuration runs --repeats times; the median is reported. Reference, interleaved with it so
+   both see the same machine load: webdataset's own pipeline (`wds.WebDataset(urls)` + a safe `.npy`
+   decode + `.batched(64)`), the same number of samples.
 3. Resume: wall time from `make_loader(position=P)` to its first batch, for P = 0, P = 10 epochs and
    P = 10.5 epochs (mid-epoch, mid-shard), the best of max(--repeats, 5) (the least disturbed by other
    jobs on a shared machine), and the shard bytes read to get it (load-independent); the ratios to P = 0
@@ -86,6 +88,22 @@ def loader_rate(shards: Path, overrides: list[str], workers: int, batches: int) 
     return rate
 
 
+def webdataset_rate(shards: Path, batches: int) -> float:
+    """webdataset's own tar pipeline with a safe decode: what this loader is measured against."""
+    import webdataset as wds
+
+    from elt_scale.data.webds import load_npy
+    urls = sorted(str(p) for p in shards.glob("train-*.tar"))
+    it = iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+              .map(lambda s: (load_npy(s["input.npy"]), int(s["cls"]))).batched(64))
+    for _ in range(30):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * 64 / (time.perf_counter() - t)
+
+
 def bench_recipe(shards: Path, overrides: list[str]):
     return load_recipe(None, [f"data.shards={shards}", "data.shuffle_buffer=1000", "train.micro_batch=64",
                               "model.num_classes=1000", *overrides])
@@ -145,11 +163,18 @@ def main() -> None:
     for name, (kind, shape, dtype, overrides) in CASES.items():
         shards = root / name.split()[0] / "x".join(map(str, shape))
         make_shards(shards, kind, shape, dtype)
+        ref = []
         for workers in sorted({0, a.workers}):
-            rates = [loader_rate(shards, overrides, workers, a.batches) for _ in range(a.repeats)]
+            rates = []
+            for _ in range(a.repeats):
+                rates.append(loader_rate(shards, overrides, workers, a.batches))
+                if workers == 0:
+                    ref.append(webdataset_rate(shards, a.batches))
             per = "per worker" if workers == 0 else f"with {workers} workers"
             print(f"loader {name:28s} {per:16s} {statistics.median(rates):9.0f} samples/s "
                   f"(runs: {', '.join(f'{r:.0f}' for r in rates)})")
+        print(f"webdataset's pipeline {name:19s} per worker      {statistics.median(ref):9.0f} samples/s "
+              f"(runs: {', '.join(f'{r:.0f}' for r in ref)})")
         epoch = make_loader(bench_recipe(shards, overrides)).dataset.order.batches_per_epoch
         at = {"0": 0, "10 epochs": 10 * epoch, "10.5 epochs": 10 * epoch + epoch // 2}
         first = {k: min(first_batch(shards, overrides, p) for _ in range(max(a.repeats, 5))) for k, p in at.items()}
