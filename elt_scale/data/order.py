@@ -70,7 +70,7 @@ class Order:
         return epoch, window, into
 
     @cached_property
-    def _cumulative(self) -> dict:
+    def _epochs(self) -> dict:
         return {}
 
     def shard_order(self, epoch: int) -> list[int]:
@@ -80,7 +80,7 @@ class Order:
 
     def _starts(self, epoch: int) -> tuple[list[int], list[int]]:
         """(shard order, where each shard starts in the epoch's sequence); a few epochs cached."""
-        cache = self._cumulative
+        cache = self._epochs
         if epoch not in cache:
             if len(cache) > 4:
                 cache.pop(next(iter(cache)))
