@@ -3,5 +3,5 @@ from .order import Order
 from .shards import ShardWriter, read_manifest, write_manifest
 from .webds import ShardError
 
-__all__ = ["Loader", "Order", "ShardError", "ShardWriter", "check_data", "check_manifest", "make_loader", "read_manifest",
-           "write_manifest"]
+__all__ = ["Loader", "Order", "ShardError", "ShardWriter", "check_data", "check_manifest", "make_loader",
+           "read_manifest", "write_manifest"]
