@@ -66,14 +66,15 @@ def load(path):
     return torch.load(path, weights_only=False)
 
 
-def assert_same_adam(got, want, **tol):
+def assert_same_adam(got, want, tol=None):
+    """Equal Adam state by name: bitwise unless `tol` gives {key: dict(rtol=, atol=)}."""
     assert got["step"] == want["step"] and len(got["step"]) == 1, (got["step"], want["step"])
     names = [n for n in want if n != "step"]
     assert sorted(n for n in got if n != "step") == sorted(names)
     for n in names:
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got[n][key].view(-1), want[n][key].view(-1), msg=f"{n} {key}",
-                                       **(tol or {"rtol": 0, "atol": 0}))
+                                       **(tol or {}).get(key, {"rtol": 0, "atol": 0}))
 
 
 @pytest.mark.parametrize("name,source,at,world,stage,how", [
@@ -95,9 +96,13 @@ def test_resume_on_another_layout_keeps_adam_state(chain, name, source, at, worl
 
 def test_first_step_after_zero_stage_change_continues_adam(chain):
     """ZeRO-2 -> ZeRO-3 on the same 2 ranks sees the same batches, so step 3's update from the carried-over
-    moments equals the straight ZeRO-2 run's (up to reduction order); with moments reset it would not."""
+    moments equals the straight ZeRO-2 run's (up to reduction order); with moments reset it would not.
+    Weights get a looser bound: the attention key bias has an exactly-zero gradient, so its Adam update is
+    reduction-order noise divided by its own square root (~1e-6 here, against ~2e-3 for every real update)."""
     probe_c, _ = chain("C")
     straight = load(chain.root / "probe_A" / "saved_3.pt")
-    assert_same_adam(load(probe_c / "saved_3.pt"), straight, rtol=1e-5, atol=1e-7)
+    moments = dict(rtol=1e-5, atol=1e-8)
+    assert_same_adam(load(probe_c / "saved_3.pt"), straight,
+                     {"fp32": dict(rtol=0, atol=1e-5), "exp_avg": moments, "exp_avg_sq": moments})
     before = load(chain.root / "probe_A" / "saved_2.pt")
     assert any(not torch.allclose(straight[n]["exp_avg"], before[n]["exp_avg"]) for n in before if n != "step")

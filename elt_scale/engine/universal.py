@@ -66,9 +66,20 @@ def convert(folder: Path) -> Path:
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"ds_to_universal failed on {folder}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        as_zero12_files(tmp / "zero", ckpt.read_client(folder)["model_shapes"])
         os.replace(tmp, out)
     dist.barrier()
     return out
+
+
+def as_zero12_files(states: Path, shapes: dict) -> None:
+    """A ZeRO-3 conversion stores each state as a bare flat tensor, a ZeRO-1/2 one as {"param": tensor} in the
+    parameter's shape, which is all DeepSpeed's ZeRO-1/2 per-parameter reader (and ZeRO-3's) understands."""
+    for name, shape in shapes.items():
+        for f in (states / name).glob("*.pt"):
+            t = torch.load(f, map_location="cpu", weights_only=False)
+            if torch.is_tensor(t) and f.stem != "step":
+                torch.save({"param": t.view(shape)}, f)
 
 
 def load(engine, resume_from: Path, zero_stage: int) -> str:
@@ -86,7 +97,7 @@ def load(engine, resume_from: Path, zero_stage: int) -> str:
     states = folder / "zero"
     step = saved_step(states)
     if zero_stage == 3:
-        load_zero3(engine, states, step)
+        load_zero3(engine.optimizer, states, step)
     elif zero_stage in (1, 2):
         load_zero12(engine.optimizer, states, step)
     else:
@@ -102,22 +113,25 @@ def saved_step(states: Path) -> int:
     return int(next(iter(optim["optimizer_state_dict"]["state"].values()))["step"])
 
 
-def set_step(state: dict, step: int) -> None:
-    old = state.get("step")
-    state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) if torch.is_tensor(old) else step
-
-
-def load_zero3(engine, states: Path, step: int) -> None:
-    """DeepSpeed's public setters cut each rank's partition out of a full per-parameter tensor; the param
-    groups and hyperparameters stay ours. The working (bf16/fp32) partitions need no update: they were loaded
-    from the same consolidated fp32 weights before `deepspeed.initialize`."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    for name, p in engine.module.named_parameters():
-        safe_set_full_fp32_param(p, read(states / name, "fp32"))
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(p, read(states / name, key), key)
-    for state in engine.optimizer.optimizer.state.values():       # one per flat partition
-        set_step(state, step)
+def load_zero3(opt, states: Path, step: int) -> None:
+    """As DeepSpeed's ZeRO-3 universal load, but with the step from the files and our own param groups'
+    hyperparameters kept: each rank's flat fp32 partition per sub-group is its parameters' partitions back to
+    back, cut out of the full tensors by DeepSpeed's `load_hp_checkpoint_state`; Adam's state is created here
+    (a fresh engine has none yet: torch's Adam creates it lazily). Bracketed like DeepSpeed's own load."""
+    opt.checkpoint_event_prologue()
+    for i, group in enumerate(opt.fp16_groups):
+        flat = opt.fp32_partitioned_groups_flat[i]
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            parts = [opt.load_hp_checkpoint_state(str(states / opt.param_names[p]), key, param=p) for p in group]
+            value = torch.cat([t.to(flat.device, flat.dtype) for t in parts])
+            if key == "fp32":
+                flat.data.copy_(value)
+            else:
+                opt.optimizer.state[flat][key] = value
+        opt.optimizer.state[flat]["step"] = adam_step(opt.optimizer, flat, step)
+        if flat.numel():                                  # the working (bf16/fp32) partitions too
+            opt.fp16_partitioned_groups_flat[i].data.copy_(flat.data)
+    opt.checkpoint_event_epilogue()
 
 
 def load_zero12(opt, states: Path, step: int) -> None:
@@ -133,8 +147,14 @@ def load_zero12(opt, states: Path, step: int) -> None:
                 keys.update(lp._hp_mapping.get_optim_state_keys())
         hp = group["params"][0]
         map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, keys)
-        opt.optimizer.state[hp]["step"] = torch.tensor(float(step))
+        opt.optimizer.state[hp]["step"] = adam_step(opt.optimizer, hp, step)
     opt.update_lp_params()
+
+
+def adam_step(opt, param, step: int):
+    """Adam's step count as torch keeps it: a float32 scalar, on the parameter's device when fused/capturable."""
+    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def read(folder: Path, key: str) -> torch.Tensor:
@@ -152,4 +172,4 @@ def load_unwrapped(engine, states: Path, step: int) -> None:
                 p.copy_(read(d, "fp32").view_as(p))
             for key in ("exp_avg", "exp_avg_sq"):
                 opt.state[p][key] = read(d, key).view_as(p).to(p.device, p.dtype)
-            opt.state[p]["step"] = torch.tensor(float(step))
+            opt.state[p]["step"] = adam_step(opt, p, step)
