@@ -18,6 +18,11 @@ from elt_scale.engine import universal
 
 def adam_state(engine) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if isinstance(engine.optimizer, torch.optim.Optimizer):          # stage 0 in fp32: our optimizer, unwrapped
+        out = {name: {"fp32": p.detach().clone(), **{k: engine.optimizer.state[p][k].clone()
+                                                     for k in ("exp_avg", "exp_avg_sq")}}
+               for name, p in engine.module.named_parameters()}
+        return out | {"step": sorted({float(s["step"]) for s in engine.optimizer.state.values()})}
     opt = engine.optimizer
     if hasattr(opt, "_hp_optimizer_states_linked"):   # ZeRO-1/2 link Adam's state to the getters lazily
         opt._hp_optimizer_states_linked = False

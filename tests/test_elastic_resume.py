@@ -7,7 +7,8 @@ One chain of runs, shared through a module fixture (each launch costs ~30-60 s h
     B  A@2 -> 1 rank ZeRO-2, step 3                (DeepSpeed's universal load)
     C  A@2 -> 2 ranks ZeRO-3, step 3               (own per-parameter load; same data as A, so step 3 = A's)
     D  B@3 -> 2 ranks ZeRO-2, step 4               (1 -> 2 ranks, DeepSpeed's universal load)
-    E  C@3 -> 1 rank ZeRO-1, step 4                (ZeRO-3 -> ZeRO-1, own per-parameter load)"""
+    E  C@3 -> 1 rank ZeRO-1, step 4                (ZeRO-3 -> ZeRO-1, own per-parameter load)
+    F  B@3 -> 1 rank stage 0, step 4               (own load into our unwrapped torch optimizer)"""
 import os
 import sys
 
@@ -40,7 +41,7 @@ def probe(shards, run_dir, probe_dir, nprocs, *overrides):
 
 
 CHAIN = {"A": (2, 2, 3, None, None), "B": (1, 2, 3, "A", 2), "C": (2, 3, 3, "A", 2), "D": (2, 2, 4, "B", 3),
-         "E": (1, 1, 4, "C", 3)}     # name: (ranks, ZeRO stage, train.steps, resumed from run, at step)
+         "E": (1, 1, 4, "C", 3), "F": (1, 0, 4, "B", 3)}     # name: (ranks, ZeRO stage, train.steps, resumed from run, at step)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def assert_same_adam(got, want, tol=None):
     ("C", "A", 2, 2, 2, universal.OWN_LOAD),
     ("D", "B", 3, 1, 2, universal.DEEPSPEED_LOAD),
     ("E", "C", 3, 2, 3, universal.OWN_LOAD),
+    ("F", "B", 3, 1, 2, universal.OWN_LOAD),
 ])
 def test_resume_on_another_layout_keeps_adam_state(chain, name, source, at, world, stage, how):
     """Right after the load: fp32 master weights, exp_avg, exp_avg_sq and Adam's step equal the saved ones
@@ -106,3 +108,22 @@ def test_first_step_after_zero_stage_change_continues_adam(chain):
                      {"fp32": dict(rtol=0, atol=1e-5), "exp_avg": moments, "exp_avg_sq": moments})
     before = load(chain.root / "probe_A" / "saved_2.pt")
     assert any(not torch.allclose(straight[n]["exp_avg"], before[n]["exp_avg"]) for n in before if n != "step")
+
+
+@pytest.mark.xfail(strict=True, reason="needs issue #13's elastic data order and global-batch-mean loss (branch "
+                                       "issue13): on this branch each rank's stream depends on the world size")
+def test_loss_curve_continues_on_another_world_size(tmp_path, digits_shards):
+    """20 steps on 2 ranks vs 10 on 2 ranks then 11-20 on 1 rank × grad_accum 2 (same global batch): every
+    step's loss agrees within 1e-4 relative. Strict xfail: once the data order is elastic it passes, and the
+    marker must go."""
+    from tests.conftest import read_metrics, run_train
+    common = (f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", "model.width=32", "train.micro_batch=8",
+              "train.log_every=1", "train.warmup_steps=1", "train.steps=20", "train.save_every=10",
+              "deepspeed.zero_stage=2")
+    ok(run_train("digits_masked.yaml", *common, "run.name=straight", nprocs=2))
+    copy_checkpoint(tmp_path / "straight", tmp_path / "elastic", 10)
+    ok(run_train("digits_masked.yaml", *common, "run.name=elastic", "train.grad_accum=2", nprocs=1))
+    got, want = read_metrics(tmp_path / "elastic"), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 21))
+    for g, w in zip(got[10:], want[10:]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4), g["step"]

@@ -12,7 +12,8 @@ Then, with this DeepSpeed (0.19.8):
     from a ZeRO-3 global optimizer state (absent when the source was ZeRO-1/2) and copies the first param
     group's hyperparameters into every group (our no-decay group would get weight decay); its ZeRO-1/2 load
     wants a ZeRO-1/2 global state.
-A stage-0 checkpoint holds no ZeRO shards to convert: its moments restart (with a warning).
+A stage-0 checkpoint holds no ZeRO shards to convert, and bf16 at stage 0 wraps the optimizer in DeepSpeed's
+BF16_Optimizer, which we do not load into: there the moments restart (stderr says so).
 Trusted input: the per-parameter files are unpickled."""
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ UNIVERSAL = "universal"
 DEEPSPEED_LOAD = "DeepSpeed universal checkpoint"
 OWN_LOAD = "own per-parameter load"
 RESTARTED = "nothing: stage-0 checkpoint, Adam moments restart"
+RESTARTED_BF16 = "nothing: bf16 at stage 0 (DeepSpeed's BF16_Optimizer), Adam moments restart"
 
 
 def source_stage(resume_from: Path) -> int:
@@ -88,6 +90,8 @@ def load(engine, resume_from: Path, zero_stage: int) -> str:
     source = source_stage(resume_from)
     if source == 0:
         return RESTARTED
+    if zero_stage == 0 and engine.bfloat16_enabled():
+        return RESTARTED_BF16
     folder = convert(resume_from)
     if deepspeed_loads(source, zero_stage):
         path, _ = engine.load_checkpoint(str(resume_from), tag=UNIVERSAL)
