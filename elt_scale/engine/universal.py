@@ -53,25 +53,37 @@ def universal_config(ds_config: dict, resume_from: Path, zero_stage: int) -> dic
 
 
 def convert(folder: Path) -> Path:
-    """`folder`/universal, converted once by rank 0 (the others wait); written under a temporary name and
-    renamed, so a folder of that name is complete and reused by later resumes."""
-    out = Path(folder) / UNIVERSAL
+    """`folder`/universal, converted once by rank 0 (the others wait, and fail with it rather than hang);
+    written under a temporary name and renamed, so a folder of that name is complete and reused later."""
+    out, error = Path(folder) / UNIVERSAL, None
     if dist.get_rank() == 0 and not out.exists():
-        tmp = Path(folder) / f".{UNIVERSAL}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            str(folder), "--output_folder", str(tmp), "--inject_missing_state",
-                            "--num_extract_workers", workers, "--num_merge_workers", workers],
-                           capture_output=True, text=True)
-        (Path(folder) / "latest_universal").unlink(missing_ok=True)   # its pointer names the temporary folder
-        if r.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"ds_to_universal failed on {folder}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-        as_zero12_files(tmp / "zero", ckpt.read_client(folder)["model_shapes"])
-        os.replace(tmp, out)
-    dist.barrier()
+        try:
+            run_ds_to_universal(Path(folder), out)
+        except Exception as e:            # noqa: BLE001 -- re-raised below, after telling the other ranks
+            error = e
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint (see its log)")
     return out
+
+
+def run_ds_to_universal(folder: Path, out: Path) -> None:
+    for stale in folder.glob(f".{UNIVERSAL}.tmp*"):                # from a conversion killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
+    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                        "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
+                        "--num_merge_workers", workers], capture_output=True, text=True)
+    (folder / "latest_universal").unlink(missing_ok=True)          # its pointer names the temporary folder
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"ds_to_universal failed on {folder}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    as_zero12_files(tmp / "zero", ckpt.read_client(folder).get("model_shapes") or {})
+    os.replace(tmp, out)
 
 
 def as_zero12_files(states: Path, shapes: dict) -> None:
