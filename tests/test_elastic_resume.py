@@ -2,7 +2,7 @@
 counts (real DeepSpeed runs, CPU, gloo). tests/resume_probe.py records Adam's state by parameter name right
 after each save and right after the cross-layout load, through DeepSpeed's public getters.
 
-One chain of runs, shared through a module fixture (each launch costs ~30-60 s here):
+One chain of runs, shared through a module fixture (each launch costs ~20-90 s on 2 busy cores):
     A  2 ranks ZeRO-2, steps 1-3                   (the reference)
     B  A@2 -> 1 rank ZeRO-2, step 3                (DeepSpeed's universal load)
     C  A@2 -> 2 ranks ZeRO-3, step 3               (own per-parameter load; same data as A, so step 3 = A's)
@@ -10,6 +10,7 @@ One chain of runs, shared through a module fixture (each launch costs ~30-60 s h
     E  C@3 -> 1 rank ZeRO-1, step 4                (ZeRO-3 -> ZeRO-1, own per-parameter load)
     F  B@3 -> 1 rank stage 0, step 4               (own load into our unwrapped torch optimizer)"""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -28,7 +29,6 @@ TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.war
 
 def probe(shards, run_dir, probe_dir, nprocs, *overrides):
     """elt-train through the probe; returns the finished process."""
-    import subprocess
     probe_dir.mkdir(parents=True, exist_ok=True)
     script = [str(ROOT / "tests" / "resume_probe.py"), str(ROOT / "recipes" / "digits_masked.yaml"),
               f"data.shards={shards}", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", *TINY, *overrides]
