@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .config import RecipeError, load_recipe, save_recipe
 from .data import check_data, make_loader
 from .engine import checkpoint as ckpt
+from .engine import universal
 from .engine.distributed import init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config, make_optimizer
 from .engine.ema import ShardedEMA
@@ -135,8 +136,9 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
             print(f"elt-train: cannot resume from {resume_from}: {why}; a different model needs its own "
                   f"run.name", file=sys.stderr)
         return 2
-    if client and not same_layout:               # other world size/stage: consolidated fp32 weights, fresh moments
+    if client and not same_layout:               # other world size/stage: consolidated fp32 weights, then moments
         model.load_state_dict(ckpt.consolidated_weights(resume_from))
+        ds_config = universal.universal_config(ds_config, resume_from, recipe.deepspeed.zero_stage)
     if t.compile:
         model.trunk.compile_block()
     objective = build_objective(recipe)
@@ -145,6 +147,10 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
     if same_layout:
         client = ckpt.load_same_world(engine, resume_from)
     elif client:
+        how = universal.load(engine, resume_from, recipe.deepspeed.zero_stage)
+        if rank == 0:
+            print(f"elt-train: optimizer state from layout (world {client['world_size']}, ZeRO-{client['zero_stage']}) "
+                  f"loaded by {how}", file=sys.stderr)
         ckpt.restore_schedule(engine, scheduler, client["step"])
     ema = ShardedEMA(engine.module, t.ema_decay, rank, world) if t.ema_decay > 0 else None
     if ema and client:

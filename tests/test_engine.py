@@ -117,14 +117,17 @@ def test_exact_resume_zero3(straight, tmp_path, digits_shards):
 
 
 def test_resume_on_another_zero_stage(straight, tmp_path, digits_shards):
-    """ZeRO-2 checkpoint -> ZeRO-3 run on the same 2 ranks: fp32 weights consolidated and EMA re-sliced, so
-    step 3's loss (the resumed weights, same batch and masks) equals the straight run's; Adam restarts."""
+    """ZeRO-2 checkpoint -> ZeRO-3 run on the same 2 ranks: fp32 weights consolidated, EMA re-sliced and Adam's
+    moments loaded per parameter, so step 3's loss (the resumed weights, same batch and masks) and step 4's
+    (after an update from the carried-over moments) equal the straight run's."""
     ref, _ = straight(2)
     copy_checkpoint(ref, tmp_path / "z2to3", 2)
-    ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "z2to3", "deepspeed.zero_stage=3"), nprocs=2))
+    r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "z2to3", "deepspeed.zero_stage=3"), nprocs=2))
+    assert "optimizer state from layout (world 2, ZeRO-2) loaded by own per-parameter load" in r.stderr
     rows, want = read_metrics(tmp_path / "z2to3"), read_metrics(ref)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[2]["loss"] == pytest.approx(want[2]["loss"], rel=1e-5)
+    assert rows[3]["loss"] == pytest.approx(want[3]["loss"], rel=1e-5)
     assert (rows[3]["lr"], rows[3]["l_int"]) == (want[3]["lr"], want[3]["l_int"])
     consolidate(tmp_path / "z2to3" / "ckpt" / ckpt.tag_for(STEPS))
 
@@ -197,8 +200,9 @@ def test_killed_save_then_preemption_then_exact_resume_zero2(straight, tmp_path,
 
 
 def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_shards):
-    """World 2 -> 1: weights (consolidated), EMA (re-sliced), step, LR schedule and λ continue; Adam
-    moments restart and the data stream is the one-rank stream, so losses differ from the 2-rank run."""
+    """World 2 -> 1: weights (consolidated), EMA (re-sliced), Adam's moments and step (DeepSpeed's universal
+    checkpoint), LR schedule and λ continue; the data stream is the one-rank stream, so losses differ from the
+    2-rank run (tests/test_elastic_resume.py checks the moments themselves)."""
     ref, _ = straight(2)
     copy_checkpoint(ref, tmp_path / "one", 2)
     r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "one", "deepspeed.zero_stage=2",
@@ -213,6 +217,7 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_
     consolidate(tmp_path / "one" / "ckpt" / ckpt.tag_for(STEPS))      # one rank's EMA file covers everything
     assert sorted(p.name for p in (tmp_path / "one" / "ckpt").glob("step_*")) == ["step_00000003", "step_00000004"]
     assert "resumed from" in r.stdout + r.stderr
+    assert "optimizer state from layout (world 2, ZeRO-2) loaded by DeepSpeed universal checkpoint" in r.stderr
 
 
 def test_nan_steps_skipped_counted_then_k_in_a_row_stop(tmp_path, digits_shards):

@@ -11,8 +11,9 @@ pointer ourselves after a barrier. A folder without the pointer is ignored (and 
 
 Resuming on the same world size restores everything through `engine.load_checkpoint`. On a different
 world size the fp32 weights are consolidated (zero_to_fp32) and loaded before `deepspeed.initialize`,
-the EMA is re-sliced, step/LR schedule/data position continue; the optimizer moments restart from zero
-and each rank's data stream is the new world's (the stream is a function of rank and world)."""
+the EMA is re-sliced, step/LR schedule/data position continue; the optimizer moments and step count come
+from a universal checkpoint (universal.py) and each rank's data stream is the new world's (the stream is
+a function of rank and world)."""
 from __future__ import annotations
 
 import json
