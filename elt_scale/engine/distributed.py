@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -29,11 +30,16 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+    """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
+    hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
+    aborts the communicator and the process on a timeout rather than leaving a stuck kernel behind."""
     import deepspeed
 
     default_dist_env()
     if torch.cuda.is_available():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
