@@ -30,6 +30,14 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def default_group_timeout(timeout: timedelta) -> None:
+    """DeepSpeed makes its own groups (data parallel, ZeRO) with `dist.new_group()` and no timeout, which
+    means torch's defaults (30 min gloo, 10 min NCCL): without this a stalled peer still hangs the
+    gradient all-reduce for half an hour. torch reads these module defaults at each new_group()."""
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
     hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
@@ -37,6 +45,7 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     import deepspeed
 
     default_dist_env()
+    default_group_timeout(timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device())
