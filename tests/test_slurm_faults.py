@@ -68,7 +68,7 @@ def test_killed_then_stalled_rank_restart_in_the_allocation_and_finish(cluster, 
         victim = wait_until(lambda: rank_pid(tmp_path, 1), "rank 1", cluster, job)
         psutil.Process(victim).send_signal(signal.SIGKILL)
         second = wait_until(lambda: starts(rank0_log(job_env, name, job), steps)[1:], "attempt 2", cluster, job)[0]
-        wait_until(lambda: last_step(run) >= second + 3, "attempt 2 to train", cluster, job)
+        wait_until(lambda: last_step(run) >= second + 12, "attempt 2 to save a checkpoint", cluster, job)
         stalled, other = rank_pid(tmp_path, 1), rank_pid(tmp_path, 0)
         stopped_at = time.time()
         psutil.Process(stalled).send_signal(signal.SIGSTOP)
