@@ -38,6 +38,21 @@ def default_group_timeout(timeout: timedelta) -> None:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
 
 
+def elastic_attempt_store(timeout: timedelta):
+    """Under torchrun (TORCHELASTIC_RESTART_COUNT set) the agent's TCPStore outlives a restart and still
+    holds the failed attempt's rendezvous keys: the new rank 0 reads the dead rank 1's address and gloo
+    fails with "connectFullMesh ... Connection refused". A prefix per restart gives each attempt its own
+    keys. None outside torchrun (env:// then works as usual)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), timeout=timeout,
+                                       is_master=not agent_hosts_it and os.environ["RANK"] == "0")
+    return torch.distributed.PrefixStore(f"elt_attempt_{attempt}", store)
+
+
 def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
     hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
@@ -49,6 +64,9 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     if torch.cuda.is_available():
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=timeout_s))
+    backend, timeout = "nccl" if torch.cuda.is_available() else "gloo", timedelta(seconds=timeout_s)
+    if store := elastic_attempt_store(timeout):       # DeepSpeed adopts an initialised default group
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
