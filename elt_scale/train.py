@@ -7,7 +7,7 @@
 Writes <run.out_dir>/<run.name>/{recipe.yaml, run_info.json, metrics.jsonl, ckpt/}. A run directory
 that already holds a checkpoint is resumed (train.resume=auto|never|PATH), also on another world size.
 Exit codes: 0 done, 2 bad recipe, 3 numerics guard stopped the run, 75 preempted (checkpoint saved;
-requeue it: see elt_scale/engine/preemption.py).
+requeue it: see elt_scale/engine/preemption.py), 124 a stalled step (elt_scale/engine/watchdog.py).
 """
 from __future__ import annotations
 
