@@ -91,8 +91,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     max_bad_steps: int = 5
     compile: bool = False
-    debug_nan_steps: list = field(default_factory=list)   # test hook: NaN loss_student on rank 0 at these steps
-    debug_kill_in_save: int = 0       # test hook: SIGKILL all ranks mid-save of this step (before 'latest' moves)
+    collective_timeout_s: float = 600  # a collective waiting longer for a peer fails (the job restarts)
+    watchdog_factor: float = 20       # a step slower than this x the median step exits the rank (0 = off)
+    watchdog_min_s: float = 180       # ... but never before this many seconds
+    watchdog_first_s: float = 1800    # the first step's allowance (compilation, warm-up)
 
 
 @dataclass
@@ -284,6 +286,9 @@ def validate(r: Recipe) -> None:
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, ">= 1")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "0 (off) .. <1")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, ">= 1")
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "> 0")
+    for key in ("watchdog_factor", "watchdog_min_s", "watchdog_first_s"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0")
     d = r.deepspeed
     _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "0, 1, 2, 3")
     # DeepSpeed documents these for those stages only and quietly ignores them at the others

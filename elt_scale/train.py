@@ -7,7 +7,7 @@
 Writes <run.out_dir>/<run.name>/{recipe.yaml, run_info.json, metrics.jsonl, ckpt/}. A run directory
 that already holds a checkpoint is resumed (train.resume=auto|never|PATH), also on another world size.
 Exit codes: 0 done, 2 bad recipe, 3 numerics guard stopped the run, 75 preempted (checkpoint saved;
-requeue it: see elt_scale/engine/preemption.py).
+requeue it: see elt_scale/engine/preemption.py), 124 a stalled step (elt_scale/engine/watchdog.py).
 """
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ import torch.distributed as dist
 from .config import RecipeError, load_recipe, save_recipe
 from .data import check_data, make_loader
 from .engine import checkpoint as ckpt
-from .engine import universal
+from .engine import faults, universal
 from .engine.distributed import init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config, make_optimizer
 from .engine.ema import ShardedEMA
 from .engine.guard import NumericsGuard, NumericsStop, poison, term_flags
 from .engine.logger import MetricsLog, Throughput, init_wandb, new_wandb_id, write_run_info
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
+from .engine.watchdog import StepWatchdog
 from .ilsd import draw_l_int, ilsd_lambda, ilsd_loss
 from .models import build_model
 from .objectives import build_objective
@@ -53,6 +54,7 @@ def step_generator(seed: int, step: int, index: int, device="cpu") -> torch.Gene
 def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: int):
     """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ)."""
     r = recipe
+    faults.die_at(step + 1, rank)                                         # test-only (ELT_FAULT)
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
     index = rank * r.train.grad_accum + micro
     prepared = objective.prepare(x, labels, step_generator(r.run.seed, step, index, engine.device))
@@ -64,7 +66,7 @@ def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: in
     else:
         l_int, lam, student = l_max, 1.0, None
         (teacher,) = engine(*prepared.inputs, exits=(l_max,))
-    if step + 1 in r.train.debug_nan_steps and rank == 0 and micro == 0:    # test hook: a bad student exit
+    if faults.nan_at(step + 1, rank, micro):                              # test-only (ELT_FAULT): a bad exit
         student = student * float("nan") if student is not None else None
         teacher = teacher * float("nan") if student is None else teacher
     loss, terms = ilsd_loss(teacher, student, objective, prepared, lam)
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     except (RecipeError, FileNotFoundError, ValueError) as e:
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
-    rank, world = init_distributed()
+    rank, world = init_distributed(recipe.train.collective_timeout_s)
     status = train(recipe, resume_from, rank, world)
     # Only on a normal return: gloo's worker threads still hold tensors if the interpreter tears the process
     # group down itself, and exit aborts ("terminate called without an active exception", seen on a Slurm
@@ -185,11 +187,13 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
         state = {"step": step, "data_position": loader.position, "world_size": world,
                  "zero_stage": recipe.deepspeed.zero_stage, "lambda": lam, "wandb_id": client["wandb_id"],
                  "skipped_steps": guard.skipped, "bad_streak": guard.streak, "model_shapes": shapes}
-        ckpt.save(engine, ckpt_dir, state, ema, t.keep_last, crash_before_pointer=step == t.debug_kill_in_save)
+        with watchdog.paused():                  # long and legitimate: not a stalled step
+            ckpt.save(engine, ckpt_dir, state, ema, t.keep_last)
 
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=rank != 0, desc=recipe.run.name, unit="step")
     lam, status = None, 0
+    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank)
     for step in range(start, t.steps):
         done = step + 1
         skipped_before, bad, sums = engine.skipped_steps, None, {}
@@ -203,6 +207,7 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
             ema.update()
         meter.add(ds_config["train_batch_size"])
         *bad, preempted = agree(bad, preempt.requested)
+        watchdog.beat(done)
         preempted = preempted > 0 and done < t.steps             # on the last step: just finish
         grad_norm = as_float(engine.get_global_grad_norm())
         try:
@@ -231,6 +236,7 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
                       f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", file=sys.stderr)
             status = PREEMPT_EXIT_CODE
             break
+    watchdog.stop()
     bar.close()
     if rank == 0:
         metrics.close()

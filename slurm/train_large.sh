@@ -17,6 +17,13 @@
 # (`scontrol requeue`), and the requeued job resumes from the checkpoint (train.resume=auto). The batch
 # shell is deliberately not signalled: it keeps waiting for srun and sees the exit code.
 #
+# Faults: every attempt is one `srun --kill-on-bad-exit=1` step, so one dead rank ends all of them at
+# once. A failed attempt (a rank killed, OOM, a collective timeout, the step watchdog) is restarted in
+# the same allocation as a new step on a new rendezvous port, resuming from the last complete
+# checkpoint, up to $ELT_MAX_RESTARTS times (default 3; counted in <log dir>/restarts, which survives
+# requeues). Exit 2 (bad recipe/data) and 3 (numerics guard) are never retried. When the allocation
+# itself is broken (a node down, srun cannot start the step) the job requeues instead (also counted).
+#
 # Cluster settings (modules, venv, NCCL/GLOO interfaces, IB HCAs) live in an env file, not here:
 # $ELT_ENV_FILE, else slurm/env.sh if present (see slurm/env.example.sh).
 # Logs: slurm/logs/<job name>-<job id>.out (this script) and $ELT_LOG_DIR (default slurm/logs)/<job
@@ -37,9 +44,11 @@
 set -euo pipefail
 
 PREEMPT_EXIT_CODE=75   # elt_scale.engine.preemption.PREEMPT_EXIT_CODE
+NEVER_RETRIED=(2 3)    # bad recipe/data/resume path, numerics guard: the same again on a restart
+MAX_RESTARTS="${ELT_MAX_RESTARTS:-3}"
 
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 
@@ -65,10 +74,10 @@ else
 fi
 
 export MASTER_ADDR="${NODES[0]}"
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # same job (and its requeues) -> same port
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # the first attempt's; a restart moves it (below)
 LOG_DIR="${ELT_LOG_DIR:-slurm/logs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"
 TRAIN=(python -m elt_scale.train "$@")
-SRUN=(srun --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=0 --label
+SRUN=(srun --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=1 --label
       --output="$LOG_DIR/node%n-%N.log" --open-mode=append slurm/task_env.sh "${TRAIN[@]}")
 
 echo "train_large.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on ${#NODES[@]} nodes (${NODES[*]})," \
@@ -91,14 +100,73 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 mkdir -p "$LOG_DIR"
-set +e
-"${SRUN[@]}"
-rc=$?
-set -e
-if [ "$rc" -eq "$PREEMPT_EXIT_CODE" ]; then
-  echo "train_large.sh: training saved a checkpoint and exited $rc (preempted); requeueing job $SLURM_JOB_ID"
+RESTARTS_FILE="$LOG_DIR/restarts"     # restarts so far, across requeues of this job
+SRUN_ERR="$LOG_DIR/srun.err"          # srun's own messages of the last attempt: which task ended how
+
+# The checkpoint a restart resumes from, for the log ("step N (...)"); needs only the recipe.
+resume_point() {
+  local run_dir tag
+  run_dir=$(python -c 'import sys; from elt_scale.config import load_recipe
+print(load_recipe(sys.argv[1], sys.argv[2:]).run_dir)' "${TRAIN[@]:3}" 2>/dev/null) || true
+  tag=$(cat "$run_dir/ckpt/latest" 2>/dev/null) || true
+  if [[ "$tag" =~ ^step_0*([0-9]+)$ ]]; then
+    echo "step ${BASH_REMATCH[1]} ($run_dir/ckpt/$tag)"
+  else
+    echo "the start (no checkpoint yet)"
+  fi
+}
+
+# srun reports each failed task as "srun: error: NODE: task N: Exited with exit code C" / "...: Killed".
+task_exits() { grep -oE '[^ ]+: tasks? [0-9,-]+: .*' "$SRUN_ERR" || true; }
+task_exited_with() { grep -qE ": tasks? [0-9,-]+: Exited with exit code $1\$" "$SRUN_ERR"; }
+
+# The allocation cannot run a step any more: one of its nodes is down, draining or not responding.
+allocation_broken() {
+  local states
+  states=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -o "%N %t" 2>/dev/null) || return 1
+  grep -qE ' (down|drain|drng|fail|failg|boot|unk|npc)|\*' <<<"$states"
+}
+
+requeue() {
+  echo "train_large.sh: $1; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"     # ends this run; the job comes back PENDING and resumes
   exit 0
-fi
-echo "train_large.sh: training exited $rc"
-exit "$rc"
+}
+
+restarts=$(cat "$RESTARTS_FILE" 2>/dev/null || echo 0)
+while true; do
+  # A new rendezvous port per attempt: the last one may still be held by a dying rank's socket.
+  export MASTER_PORT=$((20000 + (SLURM_JOB_ID + 101 * restarts) % 20000))
+  set +e
+  "${SRUN[@]}" 2>"$SRUN_ERR"
+  rc=$?
+  set -e
+  cat "$SRUN_ERR" >&2
+  if [ "$rc" -eq 0 ]; then
+    exit 0
+  fi
+  if [ "$rc" -eq "$PREEMPT_EXIT_CODE" ] || task_exited_with "$PREEMPT_EXIT_CODE"; then
+    requeue "training saved a checkpoint and exited $PREEMPT_EXIT_CODE (preempted)"
+  fi
+  for code in "${NEVER_RETRIED[@]}"; do
+    if [ "$rc" -eq "$code" ] || task_exited_with "$code"; then
+      echo "train_large.sh: training exited $code (2: bad recipe, data or resume path; 3: numerics guard):" \
+           "not restarted, a restart would fail the same way; see $LOG_DIR/"
+      exit "$code"
+    fi
+  done
+  cause=$(task_exits | head -n 3 | paste -sd ';' -)
+  cause="srun exited $rc${cause:+ ($cause)}"
+  if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
+    echo "train_large.sh: $cause; giving up after $restarts restart(s) (ELT_MAX_RESTARTS=$MAX_RESTARTS):" \
+         "the run keeps failing (a crash loop?); see $LOG_DIR/, fix the cause, then resubmit to resume"
+    exit "$rc"
+  fi
+  restarts=$((restarts + 1))
+  echo "$restarts" > "$RESTARTS_FILE"
+  if allocation_broken || [ -z "$(task_exits)" ]; then     # no task ran to an exit: srun could not start
+    requeue "$cause; the allocation is broken (a node down, or the step could not launch): restart $restarts of $MAX_RESTARTS"
+  fi
+  echo "train_large.sh: $cause; restart $restarts of $MAX_RESTARTS (ELT_MAX_RESTARTS) in this allocation," \
+       "resuming from $(resume_point) at $(date -u +%FT%TZ)"
+done

@@ -169,7 +169,7 @@ def test_killed_save_then_preemption_then_exact_resume_zero2(straight, tmp_path,
     ref, _ = straight(2)
     run = tmp_path / "z2"
     a = args(digits_shards, tmp_path, "z2", "deepspeed.zero_stage=2")
-    r = run_train("digits_masked.yaml", *a, "train.debug_kill_in_save=2", nprocs=2)
+    r = run_train("digits_masked.yaml", *a, nprocs=2, env={"ELT_FAULT": "kill_in_save:2"})
     assert r.returncode not in (0, PREEMPT_EXIT_CODE)
     assert ckpt.read_pointer(run / "ckpt") == "step_00000001"
     half_written = run / "ckpt" / "step_00000002"
@@ -223,8 +223,8 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_
 def test_nan_steps_skipped_counted_then_k_in_a_row_stop(tmp_path, digits_shards):
     """NaN in rank 0's student exit at step 2 (skipped, counted, LR held), then at 4, 5, 6 with K=3: stop."""
     r = run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "nan", "deepspeed.zero_stage=1",
-                                              "train.steps=8", "train.save_every=0", "train.max_bad_steps=3",
-                                              "train.debug_nan_steps=[2, 4, 5, 6]"), nprocs=2)
+                                              "train.steps=8", "train.save_every=0", "train.max_bad_steps=3"),
+                  nprocs=2, env={"ELT_FAULT": "nan_steps:2,4,5,6"})
     assert r.returncode == 3, r.stderr[-3000:]
     assert "3 consecutive bad steps" in r.stderr and "step 6: non-finite loss_student" in r.stderr
     rows = read_metrics(tmp_path / "nan")

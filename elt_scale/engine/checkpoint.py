@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 POINTER = "latest"
 CLIENT_STATE = "client_state.json"
 
@@ -62,7 +64,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2, crash_before_pointer=False) -> str:
+def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2) -> str:
     """Collective: every rank calls it. Returns the tag. `client` must be JSON-serialisable, and its keys
     must not be DeepSpeed's own: they are merged into its model-states dict ('param_shapes', 'module' ...)."""
     tag = tag_for(client["step"])
@@ -73,8 +75,7 @@ def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2, cra
     if dist.get_rank() == 0:
         (folder / CLIENT_STATE).write_text(json.dumps(client, indent=1))
     dist.barrier()                                  # every rank's files are on disk
-    if crash_before_pointer:                        # test hook (train.debug_kill_in_save): die mid-save
-        os.kill(os.getpid(), 9)
+    faults.kill_in_save(client["step"])            # test-only (ELT_FAULT): die mid-save
     if dist.get_rank() == 0:
         write_pointer(ckpt_dir, tag)
         prune(ckpt_dir, keep_last)

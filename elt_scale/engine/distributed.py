@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -29,11 +30,43 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed() -> tuple[int, int]:
+def default_group_timeout(timeout: timedelta) -> None:
+    """DeepSpeed makes its own groups (data parallel, ZeRO) with `dist.new_group()` and no timeout, which
+    means torch's defaults (30 min gloo, 10 min NCCL): without this a stalled peer still hangs the
+    gradient all-reduce for half an hour. torch reads these module defaults at each new_group()."""
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+
+
+def elastic_attempt_store(timeout: timedelta):
+    """Under torchrun (TORCHELASTIC_RESTART_COUNT set) the agent's TCPStore outlives a restart and still
+    holds the failed attempt's rendezvous keys: the new rank 0 reads the dead rank 1's address and gloo
+    fails with "connectFullMesh ... Connection refused". A prefix per restart gives each attempt its own
+    keys. None outside torchrun (env:// then works as usual)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), timeout=timeout,
+                                       is_master=not agent_hosts_it and os.environ["RANK"] == "0")
+    return torch.distributed.PrefixStore(f"elt_attempt_{attempt}", store)
+
+
+def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+    """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
+    hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
+    aborts the communicator and the process on a timeout rather than leaving a stuck kernel behind."""
     import deepspeed
 
     default_dist_env()
+    default_group_timeout(timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend, timeout = "nccl" if torch.cuda.is_available() else "gloo", timedelta(seconds=timeout_s)
+    if store := elastic_attempt_store(timeout):       # DeepSpeed adopts an initialised default group
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

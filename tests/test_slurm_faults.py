@@ -1,0 +1,124 @@
+"""Hard faults on the real two-node Slurm cluster (tests/slurm_cluster.py): a rank killed with -9, a rank
+stopped with SIGSTOP, a deterministic failure, a crash loop. slurm/train_large.sh restarts a failed
+attempt in its allocation (bounded by ELT_MAX_RESTARTS) and never retries exit 2/3."""
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import read_metrics
+from tests.test_slurm import cluster, explain, job_env, node_logs, submit_train  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slurm
+TIMEOUT_S = 30        # train.collective_timeout_s in the stall test: small, yet far above a loaded step
+
+
+def rank_pid(out_dir: Path, rank: int) -> int | None:
+    """The training process of `rank` whose command line names `out_dir` (ours, not another test's)."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        try:
+            if ("elt_scale.train" in cmd and str(out_dir) in cmd and p.environ().get("RANK") == str(rank)
+                    and "elt_scale.train" not in " ".join(p.parent().cmdline())):   # not a data worker
+                return p.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def wait_until(cond, what, cluster, job, timeout=240):
+    deadline = time.time() + timeout
+    while not (value := cond()):
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"job ended before {what}"
+        time.sleep(0.2)
+    return value
+
+
+def last_step(run: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(run)), default=0)
+    except (FileNotFoundError, ValueError, KeyError):   # rewritten or half-written line: look again
+        return 0
+
+
+def rank0_log(job_env, name, job) -> str:
+    return node_logs(job_env, name, job).get(f"node0-{socket.gethostname().split('.')[0]}", "")
+
+
+def starts(log: str, steps: int) -> list[int]:
+    """The first step of every attempt, from rank 0's start line ("steps 40→150")."""
+    return [int(s) for s in re.findall(rf"steps (\d+)→{steps}", log)]
+
+
+def test_killed_then_stalled_rank_restart_in_the_allocation_and_finish(cluster, tmp_path, job_env, digits_shards):
+    """kill -9 of rank 1 after a checkpoint, then SIGSTOP of rank 1 in the restarted attempt: each costs one
+    restart (a new srun step), the stall ends every rank within the collective timeout, and the run
+    reaches its last step with every step in metrics.jsonl exactly once."""
+    steps, name, run = 150, "elt-faults", tmp_path / "digits_masked"
+    job, batch_log = submit_train(cluster, tmp_path, dict(job_env, ELT_MAX_RESTARTS="2"), f"train.steps={steps}",
+                                  f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", "train.save_every=10",
+                                  f"train.collective_timeout_s={TIMEOUT_S}", name=name)
+    try:
+        wait_until(lambda: (run / "ckpt" / "latest").exists() and last_step(run) >= 12, "a checkpoint", cluster, job)
+        victim = wait_until(lambda: rank_pid(tmp_path, 1), "rank 1", cluster, job)
+        psutil.Process(victim).send_signal(signal.SIGKILL)
+        second = wait_until(lambda: starts(rank0_log(job_env, name, job), steps)[1:], "attempt 2", cluster, job)[0]
+        wait_until(lambda: last_step(run) >= second + 12, "attempt 2 to save a checkpoint", cluster, job)
+        stalled, other = rank_pid(tmp_path, 1), rank_pid(tmp_path, 0)
+        stopped_at = time.time()
+        psutil.Process(stalled).send_signal(signal.SIGSTOP)
+        wait_until(lambda: not psutil.pid_exists(stalled) and not psutil.pid_exists(other), "both ranks to exit",
+                   cluster, job, timeout=TIMEOUT_S + 60)
+        stall_cost = time.time() - stopped_at
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{explain(cluster, batch_log, job_env, name, job)}") from None
+    info = cluster.wait(job, timeout=300)
+    why = explain(cluster, batch_log, job_env, name, job)
+    print(f"SIGSTOP of rank 1 -> both ranks gone after {stall_cost:.1f} s (collective timeout {TIMEOUT_S} s)")
+    assert stall_cost < TIMEOUT_S + 30, why
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
+    assert info["Restarts"] == "0", why                                # restarted in the allocation, not requeued
+    batch = batch_log.read_text()
+    s = starts(rank0_log(job_env, name, job), steps)
+    assert len(s) == 3 and s[0] == 0 and 0 < s[1] < s[2] < steps, why
+    kill = re.search(r"srun exited \d+ \((.*)\); restart 1 of 2 .*resuming from step (\d+)", batch)
+    assert kill and "task 1: Killed" in kill[1] and int(kill[2]) == s[1], why
+    stall = re.search(r"srun exited \d+ \((.*)\); restart 2 of 2 .*resuming from step (\d+)", batch)
+    assert stall and "task 0: Exited with exit code 1" in stall[1] and int(stall[2]) == s[2], why
+    assert "timed out" in rank0_log(job_env, name, job).lower(), why   # gloo's collective timeout ended rank 0
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1)), why   # each step exactly once
+
+
+def test_deterministic_failure_is_not_retried_and_a_crash_loop_stops(cluster, tmp_path, job_env, digits_shards):
+    """Two jobs side by side (one core per node each). NaN on every step with train.max_bad_steps=2: exit 3
+    after one attempt, with the guard's message. A rank that always dies before the first checkpoint (the
+    test-only ELT_FAULT hook, see elt_scale/engine/faults.py): ELT_MAX_RESTARTS=1 restart, then it stops."""
+    common = (f"data.shards={digits_shards}", "train.steps=8")
+    nan_dir, loop_dir = tmp_path / "nan", tmp_path / "loop"
+    nan_dir.mkdir(), loop_dir.mkdir()
+    nan_job, nan_log = submit_train(cluster, nan_dir, dict(job_env, ELT_FAULT="nan_steps:" + ",".join(map(str, range(1, 9)))),
+                                    *common, f"run.out_dir={nan_dir}", "train.max_bad_steps=2", name="elt-nan")
+    loop_job, loop_log = submit_train(cluster, loop_dir, dict(job_env, ELT_FAULT="die_at:1:3", ELT_MAX_RESTARTS="1"),
+                                      *common, f"run.out_dir={loop_dir}", name="elt-loop")
+
+    info = cluster.wait(nan_job, timeout=300)
+    why = explain(cluster, nan_log, job_env, "elt-nan", nan_job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "0", why
+    batch = nan_log.read_text()
+    assert "training exited 3" in batch and "not restarted" in batch and "restart 1" not in batch, why
+    rank0 = rank0_log(job_env, "elt-nan", nan_job)
+    assert len(starts(rank0, 8)) == 1 and "2 consecutive bad steps" in rank0, why
+
+    info = cluster.wait(loop_job, timeout=300)
+    why = explain(cluster, loop_log, job_env, "elt-loop", loop_job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", why
+    batch = loop_log.read_text()
+    assert len(re.findall(r"task 1: Killed[^)]*\); restart 1 of 1 .* resuming from the start", batch)) == 1, why
+    assert re.search(r"task 1: Killed[^)]*\); giving up after 1 restart\(s\) \(ELT_MAX_RESTARTS=1\)", batch), why
+    assert starts(rank0_log(job_env, "elt-loop", loop_job), 8) == [0, 0], why      # two attempts, no more
+    assert (Path(job_env["ELT_LOG_DIR"]) / f"elt-loop-{loop_job}" / "restarts").read_text().strip() == "1"
