@@ -10,10 +10,10 @@ TINY = ("model.width=32", "train.micro_batch=8", "train.warmup_steps=1", "train.
         "eval.loops=1,4", "eval.num=10", "eval.steps=4", "eval.batch_size=4")
 
 
-def train(tmp_path, shards, name, *overrides, nprocs=1):
+def train(tmp_path, shards, name, *overrides, nprocs=1, rc=0):
     r = run_train("digits_masked.yaml", f"data.shards={shards}", f"run.out_dir={tmp_path}", f"run.name={name}",
                   *TINY, *overrides, nprocs=nprocs)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == rc, r.stderr[-3000:]
     return tmp_path / name
 
 
@@ -23,7 +23,8 @@ def grids(run_dir, step) -> dict[str, np.ndarray]:
 
 
 def test_grids_at_eval_steps_same_after_resume_and_metric_rows(tmp_path, digits_shards):
-    straight = train(tmp_path, digits_shards, "straight", "train.steps=4", "train.save_every=2", "eval.every=2")
+    same = ("train.steps=4", "train.save_every=1", "eval.every=2")
+    straight = train(tmp_path, digits_shards, "straight", *same)
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["step_0000002", "step_0000004"]
     assert list(grids(straight, 4)) == ["grid_L1.png", "grid_L4.png"]
 
@@ -33,8 +34,9 @@ def test_grids_at_eval_steps_same_after_resume_and_metric_rows(tmp_path, digits_
         assert 0.0 <= r["class_acc"] <= 1.0 and r["fd_digits"] > 0 and r["eval_s"] > 0
     assert rows[1]["gflops_per_sample"] > rows[0]["gflops_per_sample"]       # L=4 costs more than L=1
 
-    resumed = train(tmp_path, digits_shards, "resumed", "train.steps=2", "train.save_every=2", "eval.every=2")
-    resumed = train(tmp_path, digits_shards, "resumed", "train.steps=4", "train.save_every=2", "eval.every=2")
+    # killed (-9) while saving step 3, so the rerun resumes from step 2 (after that step's evaluation)
+    train(tmp_path, digits_shards, "resumed", *same, "train.debug_kill_in_save=3", rc=-9)
+    resumed = train(tmp_path, digits_shards, "resumed", *same)
     for step in (2, 4):
         a, b = grids(straight, step), grids(resumed, step)
         assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a), step
