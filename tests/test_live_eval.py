@@ -57,3 +57,15 @@ def test_two_ranks_zero3_write_the_same_files_as_one(tmp_path, digits_shards):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     metric = lambda run: [(r["eval_L"], r["class_acc"], r["fd_digits"]) for r in read_metrics(run) if "eval_L" in r]
     assert metric(one) == metric(two)
+
+
+@pytest.mark.parametrize("override,key", [("eval.every=-1", "eval.every"), ("eval.num=0", "eval.num"),
+                                          ("eval.cfg=-0.5", "eval.cfg"), ("eval.classes=[3,10]", "eval.classes"),
+                                          ("eval.loops=0", "eval.loops"), ("eval.loops=4-1", "eval.loops"),
+                                          ("eval.reference=ref.npz", "eval.reference"),
+                                          ("eval.sampler=euler", "eval.sampler"), ("eval.evry=10", "evry")])
+def test_bad_eval_keys_name_the_key(override, key):
+    from elt_scale.config import RecipeError, load_recipe
+    from tests.conftest import ROOT
+    with pytest.raises(RecipeError, match=key):
+        load_recipe(ROOT / "recipes" / "digits_masked.yaml", [override])
