@@ -59,8 +59,8 @@ def main() -> None:
             subprocess.run([sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", "digits",
                             "--out", str(shards)], check=True, capture_output=True)
         load_before = os.getloadavg()
-        wall_off, _ = train(args.recipe, shards, tmp, "off", args.steps, 0)
-        wall_on, rows = train(args.recipe, shards, tmp, "on", args.steps, args.every)
+        wall_off, _ = train(args.recipe, shards, tmp, "no_eval", args.steps, 0)
+        wall_on, rows = train(args.recipe, shards, tmp, "with_eval", args.steps, args.every)
     evals = {r["step"]: r["eval_s"] for r in rows if "eval_L" in r}
     eval_total = sum(evals.values())
     result = {**device_facts(), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),

@@ -32,8 +32,9 @@ def default_device() -> str:
 
 
 class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transformer", "image-generation"]):
-    def __init__(self, model: torch.nn.Module, recipe, tokenizer: dict | None = None, dtype: torch.dtype | None = None):
-        self.model, self.recipe, self.tokenizer = model, recipe, tokenizer
+    def __init__(self, model: torch.nn.Module, recipe, tokenizer: dict | None = None, dtype: torch.dtype | None = None,
+                 ema: bool = False):
+        self.model, self.recipe, self.tokenizer, self.ema = model, recipe, tokenizer, ema
         self.device = next(model.parameters()).device
         # bf16 on GPUs by default; the weights stay fp32 and autocast runs the matmuls in `dtype`
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -53,14 +54,14 @@ class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transfor
         model, recipe = load_model(where, ema=ema, device=device or default_device(), tag=ckpt)
         config = where / "config.json"
         tokenizer = json.loads(config.read_text()).get("tokenizer") if where.is_dir() and config.is_file() else None
-        return cls(model, recipe, tokenizer, dtype)
+        return cls(model, recipe, tokenizer, dtype, ema=bool(ema) if ema is not None else holds_ema(where, ckpt))
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
         import yaml
 
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"recipe": yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False), "ema": "false"}
+        meta = {"recipe": yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False), "ema": str(self.ema).lower()}
         save_file(state, str(save_directory / HF_WEIGHTS), metadata=meta)
         config = {"recipe": recipe_to_dict(self.recipe), "tokenizer": self._tokenizer_info()}
         (save_directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -112,6 +113,16 @@ class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transfor
         if isinstance(loops, int) and loops < 1:
             raise ValueError(f"loops={loops}: must be >= 1")
         return parse_loops(loops, self.recipe.model.loops)
+
+
+def holds_ema(path: Path, tag: str | None) -> bool:
+    """Whether a run directory's checkpoint keeps an EMA, or an export / saved folder holds EMA weights."""
+    from safetensors import safe_open
+    from .engine.export import has_ema
+    if (path / "recipe.yaml").is_file():
+        return has_ema(path, tag)
+    with safe_open(str(path / HF_WEIGHTS if path.is_dir() else path), framework="pt") as f:
+        return (f.metadata() or {}).get("ema") == "true"
 
 
 def to_pil(images: np.ndarray) -> list:

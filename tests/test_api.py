@@ -46,7 +46,7 @@ def test_run_dir_export_and_saved_folder_sample_like_elt_sample(run, cli_samples
     from_run.save_pretrained(tmp_path / "saved")
     assert {p.name for p in (tmp_path / "saved").iterdir()} >= {"config.json", "model.safetensors"}
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["tokenizer"]["name"]
-    saved = ELT.from_pretrained(tmp_path / "saved")
+    saved = ELT.from_pretrained(tmp_path / "saved", ema=True)               # it knows it holds the EMA
     saved.recipe.data.shards = str(tmp_path / "gone")                 # decodes from config.json, not the shards
     assert np.array_equal(saved.generate(CLASSES, loops="auto:0.05", **ARGS), cli_samples["auto:0.05"])
 
