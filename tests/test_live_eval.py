@@ -69,3 +69,15 @@ def test_bad_eval_keys_name_the_key(override, key):
     from tests.conftest import ROOT
     with pytest.raises(RecipeError, match=key):
         load_recipe(ROOT / "recipes" / "digits_masked.yaml", [override])
+
+
+def test_digits_scorer_matches_elt_eval_digits():
+    from elt_scale.engine.live_eval import DigitsScorer
+    from elt_scale.metrics.digits import digits_metrics, real_digits, real_digits_uint8
+    images, labels = real_digits_uint8()[:40], real_digits()[1][:40]
+    labels[:10] = (labels[:10] + 1) % 10                      # a quarter misclassified on purpose
+    scorer, expected = DigitsScorer(), digits_metrics(images, labels)
+    for _ in range(2):                                        # the cached real features survive a reset
+        got = scorer(images, labels)
+        assert got["class_acc"] == expected["class_acc"] <= 0.75
+        assert got["fd_digits"] == pytest.approx(expected["fd_digits"], rel=1e-5)
