@@ -113,6 +113,22 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training any-time evaluation (elt_scale/engine/live_eval.py): the same classes and seeds at every L."""
+    every: int = 0                    # steps between evaluations; 0 = off
+    loops: str = ""                   # loop specs as for elt-sample --loops; "" = 1..model.loops
+    num: int = 16                     # samples per loop spec
+    classes: list = field(default_factory=list)   # sample i gets classes[i % len]; [] = i % model.num_classes
+    seed: int = 0
+    cfg: float = 1.0                  # classifier-free guidance scale (1 = off)
+    steps: int = 0                    # sampling steps; 0 = the sampler's default (elt-sample --steps)
+    sampler: Literal["ddpm", "ddim"] = "ddim"     # diffusion only
+    batch_size: int = 64
+    reference: str = ""               # FID reference (ADM .npz or shards dir), with inception_weights
+    inception_weights: str = ""       # local Inception file (elt-eval fid --inception-weights)
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +138,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -298,6 +315,25 @@ def validate(r: Recipe) -> None:
            f"false at deepspeed.zero_stage={d.zero_stage} (parameters are partitioned, so offloadable, only at stage 3)")
     _check(r.data.shuffle_buffer >= 0, "data.shuffle_buffer", r.data.shuffle_buffer, ">= 0")
     _check(r.data.num_workers >= 0, "data.num_workers", r.data.num_workers, ">= 0")
+    validate_eval(r)
+
+
+def validate_eval(r: Recipe) -> None:
+    e, n = r.eval, r.model.num_classes
+    _check(e.every >= 0, "eval.every", e.every, ">= 0 (0 = off)")
+    _check(e.num >= 1, "eval.num", e.num, ">= 1")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    _check(e.steps >= 0, "eval.steps", e.steps, ">= 0 (0 = the sampler's default)")
+    _check(e.cfg >= 0, "eval.cfg", e.cfg, ">= 0 (1 = no guidance)")
+    _check(all(isinstance(c, int) and 0 <= c < n for c in e.classes), "eval.classes", e.classes,
+           f"class ids in 0..{n - 1}")
+    _check(bool(e.reference) == bool(e.inception_weights), "eval.reference", e.reference,
+           "set together with eval.inception_weights (FID needs both), or neither")
+    from .sampling.loops import parse_loop_list   # torch: only when a recipe is validated
+    try:
+        parse_loop_list(e.loops or f"1-{r.model.loops}", r.model.loops)
+    except ValueError as err:
+        raise RecipeError(f"eval.loops={e.loops!r}: {err}") from None
 
 
 def recipe_to_dict(r: Recipe) -> dict:

@@ -60,10 +60,13 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.contiguous().numpy()
 
 
-def class_labels(indices: range, num_classes: int, class_id: int | None = None) -> torch.Tensor:
-    """Balanced labels: sample i gets class i mod num_classes (or always `class_id`)."""
+def class_labels(indices: range, num_classes: int, class_id: int | None = None,
+                 classes: list[int] | None = None) -> torch.Tensor:
+    """Balanced labels: sample i gets class i mod num_classes (or always `class_id`, or classes[i mod len])."""
     if class_id is not None:
         return torch.full((len(indices),), class_id, dtype=torch.long)
+    if classes:
+        return torch.tensor([classes[i % len(classes)] for i in indices], dtype=torch.long)
     return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
 
 
@@ -75,7 +78,7 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 def sample_set(model, recipe, schedule: LoopSchedule, num: int, decoder, cfg: float = 1.0,
                steps: int | None = None, sampler: str = "ddpm", seed: int = 0, batch_size: int = 64,
                class_id: int | None = None, rank: int = 0, world: int = 1, progress: bool = True,
-               temperature: float = 1.0) -> SampleSet:
+               temperature: float = 1.0, classes: list[int] | None = None) -> SampleSet:
     """Sample this rank's share (batches b with b % world == rank) of `num` samples and decode them."""
     num_batches = (num + batch_size - 1) // batch_size
     mine = range(rank, num_batches, world)
@@ -83,7 +86,7 @@ def sample_set(model, recipe, schedule: LoopSchedule, num: int, decoder, cfg: fl
     start = time.perf_counter()
     for b in tqdm(mine, desc=f"sampling L={schedule.spec}", disable=not progress or rank != 0, leave=False):
         idx = range(b * batch_size, min(num, (b + 1) * batch_size))
-        y = class_labels(idx, recipe.model.num_classes, class_id).to(next(model.parameters()).device)
+        y = class_labels(idx, recipe.model.num_classes, class_id, classes).to(next(model.parameters()).device)
         z, cost = generate(model, recipe, y, schedule, cfg, steps, sampler, batch_generator(seed, b), temperature)
         images.append(to_uint8(decoder.decode(z).cpu()))
         labels.append(y.cpu().numpy())

@@ -25,6 +25,7 @@ from .engine.distributed import init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config, make_optimizer
 from .engine.ema import ShardedEMA
 from .engine.guard import NumericsGuard, NumericsStop, poison, term_flags
+from .engine.live_eval import LiveEval
 from .engine.logger import MetricsLog, Throughput, init_wandb, new_wandb_id, write_run_info
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .engine.watchdog import StepWatchdog
@@ -182,6 +183,7 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
               + (f", resumed from {resume_from}" if resume_from else ""))
     loader = make_loader(recipe, rank, world, client["data_position"])
     meter = Throughput(recipe, world)
+    live = LiveEval(recipe, rank, world)
 
     def save(step: int) -> None:
         state = {"step": step, "data_position": loader.position, "world_size": world,
@@ -228,6 +230,9 @@ def train(recipe, resume_from, rank: int, world: int) -> int:
                 wandb_run.log(row, step=done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", L_int=l_int)
         bar.update(1)
+        if not preempted:                        # a preempted job saves and leaves: no sampling first
+            with watchdog.paused():              # sampling is not a slow step
+                live.after_step(done, engine, ema, metrics if rank == 0 else None, wandb_run if rank == 0 else None)
         if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
             save(done)
         if preempted:

@@ -63,19 +63,33 @@ def export(run_dir: str | Path, out: str | Path, ema: bool = False, tag: str | N
     return out
 
 
-def load_model(path: str | Path, ema: bool = False, device: str | torch.device = "cpu"):
-    """A safetensors export or a run directory -> (model in eval mode, recipe). No DeepSpeed engine.
-    `ema` selects the EMA weights of a run directory; an export holds whichever it was written with."""
+HF_WEIGHTS = "model.safetensors"          # a save_pretrained folder: config.json + this (an elt-export file)
+
+
+def has_ema(run_dir: Path, tag: str | None = None) -> bool:
+    ckpt_dir = Path(run_dir) / "ckpt"
+    return any((ckpt_dir / (tag or latest_tag(ckpt_dir))).glob("ema_rank*.safetensors"))
+
+
+def load_model(path: str | Path, ema: bool | None = False, device: str | torch.device = "cpu", tag: str | None = None):
+    """A safetensors export, a run directory (checkpoint `tag`, default the latest) or a save_pretrained
+    folder -> (model in eval mode, recipe). No DeepSpeed engine. `ema` selects the EMA weights of a run
+    directory (None: the EMA when the checkpoint has one); an export holds whichever it was written with."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")
-        state = consolidated_state_dict(path, ema=ema)
+        state = consolidated_state_dict(path, tag, ema=has_ema(path, tag) if ema is None else ema)
+    elif path.is_dir() and (path / HF_WEIGHTS).is_file():
+        return load_model(path / HF_WEIGHTS, ema, device)
+    elif path.is_dir():
+        raise FileNotFoundError(f"{path}: neither a run directory (recipe.yaml + ckpt/) nor a save_pretrained "
+                                f"folder (config.json + {HF_WEIGHTS})")
     else:
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such run directory or .safetensors file")
+            raise FileNotFoundError(f"{path}: no such run directory or .safetensors file (or save_pretrained folder)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -37,7 +37,8 @@ def frechet_distance(samples, reference, features: nn.Module, batch: int = 100,
         raise ValueError(f"a Fréchet distance needs >= 2 samples per side, got {len(fake)} and {len(real)}")
     with torch.no_grad():
         features.num_features = int(features(fake[:2]).shape[-1])
-    metric = FrechetInceptionDistance(feature=features, reset_real_features=True)
+    # a local computation on the arrays given: never wait for other ranks (in-training eval runs it on rank 0)
+    metric = FrechetInceptionDistance(feature=features, reset_real_features=True, sync_on_compute=False)
     with torch.no_grad():
         _feed(metric, real, batch, "reference features", real=True)
         _feed(metric, fake, batch, "sample features", real=False)
