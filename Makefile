@@ -1,11 +1,12 @@
-# Two entry points: `make demo` (the main job on the built-in digits data) and `make test`.
+# Entry points: `make demo` (the main job on the built-in digits data), `make reproduce` (both claims,
+# both families, against plain baselines) and `make test`.
 # Both set up .venv from scratch on a fresh machine; nothing else needs to be installed by hand.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch lies on disk here; on a GPU machine: make TORCH=torch ...
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo reproduce test clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m elt_scale.demo
 
+# both claims, both families: ILSD, vanilla and two plain baselines (docs/reproduce.md)
+reproduce: setup
+	$(PY) -m elt_scale.reproduce
+
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf runs shards demo_out
+	rm -rf runs shards demo_out reproduce_out

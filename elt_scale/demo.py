@@ -38,18 +38,19 @@ RUNS = {"ilsd": "ilsd.enabled=true", "vanilla": "ilsd.enabled=false"}
 # ---------------------------------------------------------------------------------------------
 # 1. data
 
-def tokenize(shards: Path) -> None:
-    """Digits train and val splits into one shard set (skipped when already there)."""
+def tokenize(shards: Path, args: tuple[str, ...] = ()) -> None:
+    """Digits train and val splits into one shard set (skipped when already there); `args` go to
+    tokenize.py (e.g. ('--pixel-mode', 'identity') for the diffusion recipe)."""
     from .data.shards import read_manifest
     have = set(read_manifest(shards)["splits"]) if (shards / "manifest.json").exists() else set()
     for split in ("train", "val"):
         if split not in have:
             subprocess.run([sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", "digits",
-                            "--split", split, "--out", str(shards)], check=True, cwd=ROOT)
+                            "--split", split, "--out", str(shards), *args], check=True, cwd=ROOT)
 
 
 def read_split(shards: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of a split, in shard order: (codes (N, H, W) long, labels (N,) long)."""
+    """Every sample of a split, in shard order: (codes (N, H, W) long or pixels float, labels (N,) long)."""
     from .data.shards import LABEL_MEMBER, SAMPLE_MEMBER, decode_npy, read_manifest
     codes, labels = {}, {}
     for name in read_manifest(shards)["splits"][split]["shards"]:
@@ -61,7 +62,8 @@ def read_split(shards: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
                 elif ext == LABEL_MEMBER:
                     labels[key] = int(tar.extractfile(member).read())
     keys = sorted(codes)
-    return torch.from_numpy(np.stack([codes[k] for k in keys])).long(), torch.tensor([labels[k] for k in keys])
+    x = torch.from_numpy(np.stack([codes[k] for k in keys]))
+    return (x.float() if x.is_floating_point() else x.long()), torch.tensor([labels[k] for k in keys])
 
 
 # ---------------------------------------------------------------------------------------------
