@@ -10,9 +10,9 @@ TINY = ("model.width=32", "train.micro_batch=8", "train.warmup_steps=1", "train.
         "eval.loops=1,4", "eval.num=10", "eval.steps=4", "eval.batch_size=4")
 
 
-def train(tmp_path, shards, name, *overrides, nprocs=1, rc=0):
+def train(tmp_path, shards, name, *overrides, nprocs=1, rc=0, env=None):
     r = run_train("digits_masked.yaml", f"data.shards={shards}", f"run.out_dir={tmp_path}", f"run.name={name}",
-                  *TINY, *overrides, nprocs=nprocs)
+                  *TINY, *overrides, nprocs=nprocs, env=env)
     assert r.returncode == rc, r.stderr[-3000:]
     return tmp_path / name
 
@@ -35,7 +35,7 @@ def test_grids_at_eval_steps_same_after_resume_and_metric_rows(tmp_path, digits_
     assert rows[1]["gflops_per_sample"] > rows[0]["gflops_per_sample"]       # L=4 costs more than L=1
 
     # killed (-9) while saving step 3, so the rerun resumes from step 2 (after that step's evaluation)
-    train(tmp_path, digits_shards, "resumed", *same, "train.debug_kill_in_save=3", rc=-9)
+    train(tmp_path, digits_shards, "resumed", *same, rc=-9, env={"ELT_FAULT": "kill_in_save:3"})
     resumed = train(tmp_path, digits_shards, "resumed", *same)
     for step in (2, 4):
         a, b = grids(straight, step), grids(resumed, step)
