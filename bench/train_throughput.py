@@ -283,6 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON file, rewritten after each case")
     p.add_argument("--profile", help="append a torch.profiler table of the first case's timed steps to this file")
     args = p.parse_args(argv)
+    if args.preset and args.recipe and "=" in args.recipe:     # `--preset X key=value ...`: overrides only
+        args.overrides, args.recipe = [args.recipe, *args.overrides], None
     if bool(args.recipe) == bool(args.preset):
         p.error("give a recipe or --preset, not both or neither")
     for name, allowed in (("compile", {"off", "layer", "block"}), ("checkpointing", {"none", "loop", "layer"}),

@@ -79,7 +79,7 @@ def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: in
 def agree(bad: torch.Tensor, preempt: bool) -> list[float]:
     """Element-wise max over ranks of the numerics flags and the preemption flag: one small all-reduce and
     the step's one host read of them."""
-    t = torch.cat([bad.float(), torch.tensor([float(preempt)], device=bad.device)])
+    t = torch.cat([bad.float(), bad.new_full((1,), float(preempt), dtype=torch.float32)])   # no host->device copy
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
