@@ -26,6 +26,7 @@ import torch
 # common first: it puts the project root on sys.path, so elt_scale imports without an install
 from common import Deadline, device_facts, free_memory, on_gpu, sync, write_json
 from presets import PRESETS, TINY, TINY_GRID
+
 from elt_scale.config import load_recipe
 from elt_scale.models import build_model
 from elt_scale.models.flops import forward_flops

@@ -50,11 +50,11 @@ def best(result: dict | None, key: str) -> dict | None:
 def targets(masked: dict | None, diffusion: dict | None) -> list[str]:
     lines = ["### Targets (issue 8)", "", "| target | measured | met |", "|---|---|---|"]
     m = best(masked, "trunk_tflops")
-    lines.append(f"| ELT-L 8N×3L masked, trunk >= 440 TFLOP/s | "
+    lines.append("| ELT-L 8N×3L masked, trunk >= 440 TFLOP/s | "
                  + (f"{m['trunk_tflops']:.0f} TFLOP/s ({m['name']}) | {'yes' if m['trunk_tflops'] >= 440 else 'no'} |"
                     if m else "not measured | - |"))
     d = best(diffusion, "img_per_s")
-    lines.append(f"| diffusion 7N×4L d=1152, >= 600 img/s | "
+    lines.append("| diffusion 7N×4L d=1152, >= 600 img/s | "
                  + (f"{d['img_per_s']:.0f} img/s ({d['name']}) | {'yes' if d['img_per_s'] >= 600 else 'no'} |"
                     if d else "not measured | - |"))
     ratios = (masked or {}).get("ratios", {})

@@ -43,6 +43,7 @@ import torch
 # common first: it puts the project root on sys.path, so elt_scale imports without an install
 from common import Deadline, device_facts, free_memory, matmul_peak_tflops, on_gpu, peak_memory_gb, sync, write_json
 from presets import PRESETS, TINY, TINY_GRID
+
 from elt_scale.config import load_recipe
 from elt_scale.engine.ds_config import make_ds_config, make_optimizer
 from elt_scale.engine.ema import ShardedEMA

@@ -5,14 +5,13 @@
     images = model.generate(classes=[1, 7], loops=2, cfg=2.0, steps=12, seed=0)   # uint8 (2, H, W, 3)
 
 `generate` goes through the same samplers, loop specs (`4`, `6>2`, `auto:0.02`, ...) and per-batch seeding
-as `elt-sample`, so the same seed, loops and cfg give the same images (with the same batch size).
-`save_pretrained(folder)` writes the Hugging Face Hub layout through huggingface_hub's ModelHubMixin:
-config.json (the recipe and the tokenizer that decodes samples) and model.safetensors (an elt-export
-file), so `push_to_hub` and hub ids work as for any Hub model."""
+as `elt-sample` (elt_scale.inference), so the same seed, loops and cfg give the same images (with the same
+batch size). `save_pretrained(folder)` writes the Hugging Face Hub layout through huggingface_hub's
+ModelHubMixin: config.json (the recipe and the tokenizer that decodes samples) and model.safetensors (an
+elt-export file), so `push_to_hub` and hub ids work as for any Hub model."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -21,10 +20,10 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from .config import recipe_to_dict
-from .engine.export import HF_WEIGHTS, load_model
+from .inference.load import HF_CONFIG, HF_WEIGHTS, Loaded, load, recipe_yaml
+from .inference.samples import sample_set
+from .inference.weights import save_weights
 from .sampling import parse_loops
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def default_device() -> str:
@@ -32,13 +31,16 @@ def default_device() -> str:
 
 
 class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transformer", "image-generation"]):
-    def __init__(self, model: torch.nn.Module, recipe, tokenizer: dict | None = None, dtype: torch.dtype | None = None,
-                 ema: bool = False):
-        self.model, self.recipe, self.tokenizer, self.ema = model, recipe, tokenizer, ema
-        self.device = next(model.parameters()).device
+    def __init__(self, loaded: Loaded, dtype: torch.dtype | None = None):
+        self.loaded, self.model, self.recipe = loaded, loaded.model, loaded.recipe
+        self.device = next(self.model.parameters()).device
         # bf16 on GPUs by default; the weights stay fp32 and autocast runs the matmuls in `dtype`
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._decoder = None
+
+    @property
+    def ema(self) -> bool:
+        return self.loaded.ema
 
     # --- loading and saving --------------------------------------------------------------------------------
     @classmethod
@@ -47,42 +49,21 @@ class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transfor
                         revision: str | None = None) -> "ELT":
         """An elt-export .safetensors file, a run directory (checkpoint `ckpt`, default the latest; `ema`
         None = the EMA weights when the run keeps them), a save_pretrained folder, or a Hub id of one."""
-        where = Path(path)
-        if not where.exists() and HUB_ID.fullmatch(str(path)):
-            from huggingface_hub import snapshot_download
-            where = Path(snapshot_download(str(path), revision=revision))
-        model, recipe = load_model(where, ema=ema, device=device or default_device(), tag=ckpt)
-        config = where / "config.json"
-        tokenizer = json.loads(config.read_text()).get("tokenizer") if where.is_dir() and config.is_file() else None
-        return cls(model, recipe, tokenizer, dtype, ema=bool(ema) if ema is not None else holds_ema(where, ckpt))
+        return cls(load(path, ema=ema, device=device or default_device(), tag=ckpt, revision=revision), dtype)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
-        import yaml
-
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {"recipe": yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False), "ema": str(self.ema).lower()}
-        save_file(state, str(save_directory / HF_WEIGHTS), metadata=meta)
-        config = {"recipe": recipe_to_dict(self.recipe), "tokenizer": self._tokenizer_info()}
-        (save_directory / "config.json").write_text(json.dumps(config, indent=2))
-
-    def _tokenizer_info(self) -> dict | None:
-        """The manifest entry naming the tokenizer, so a saved folder decodes samples without the shards."""
-        if self.tokenizer is None:
-            from .data.shards import read_manifest
-            try:
-                self.tokenizer = read_manifest(self.recipe.data.shards)["tokenizer"]
-            except (FileNotFoundError, ValueError, KeyError):
-                return None
-        return self.tokenizer
+        try:
+            tokenizer = self.loaded.tokenizer_entry()
+        except FileNotFoundError:             # nothing recorded and no shards: the folder cannot decode alone
+            tokenizer = None
+        save_weights(save_directory / HF_WEIGHTS, self.model.state_dict(), recipe_yaml(self.recipe), self.ema, tokenizer)
+        config = {"recipe": recipe_to_dict(self.recipe), "tokenizer": tokenizer}
+        (save_directory / HF_CONFIG).write_text(json.dumps(config, indent=2))
 
     # --- sampling ------------------------------------------------------------------------------------------
     def decoder(self):
         if self._decoder is None:
-            from .sample import load_decoder
-            from .tokenizers import tokenizer_from_manifest
-            self._decoder = (tokenizer_from_manifest({"tokenizer": self.tokenizer}) if self.tokenizer
-                             else load_decoder(self.recipe))
+            self._decoder = self.loaded.decoder()
         return self._decoder
 
     def generate(self, classes: Sequence[int], loops: int | str | None = None, cfg: float = 1.0,
@@ -101,7 +82,6 @@ class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transfor
             raise ValueError(f"cfg={cfg}: must be >= 0 (1 = no guidance)")
         if output not in ("uint8", "pil"):
             raise ValueError(f"output={output!r}: 'uint8' or 'pil'")
-        from .sample import sample_set
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             s = sample_set(self.model, self.recipe, schedule, len(classes), self.decoder(), cfg, steps, sampler, seed,
                            batch_size, progress=False, temperature=temperature, classes=classes)
@@ -113,16 +93,6 @@ class ELT(ModelHubMixin, library_name="elt-scale", tags=["elt", "looped-transfor
         if isinstance(loops, int) and loops < 1:
             raise ValueError(f"loops={loops}: must be >= 1")
         return parse_loops(loops, self.recipe.model.loops)
-
-
-def holds_ema(path: Path, tag: str | None) -> bool:
-    """Whether a run directory's checkpoint keeps an EMA, or an export / saved folder holds EMA weights."""
-    from safetensors import safe_open
-    from .engine.export import has_ema
-    if (path / "recipe.yaml").is_file():
-        return has_ema(path, tag)
-    with safe_open(str(path / HF_WEIGHTS if path.is_dir() else path), framework="pt") as f:
-        return (f.metadata() or {}).get("ema") == "true"
 
 
 def to_pil(images: np.ndarray) -> list:

@@ -11,9 +11,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
+
+from .loopspec import parse_loop_list
 
 
 class RecipeError(ValueError):
@@ -329,7 +331,6 @@ def validate_eval(r: Recipe) -> None:
            f"class ids in 0..{n - 1}")
     _check(bool(e.reference) == bool(e.inception_weights), "eval.reference", e.reference,
            "set together with eval.inception_weights (FID needs both), or neither")
-    from .sampling.loops import parse_loop_list   # torch: only when a recipe is validated
     try:
         parse_loop_list(e.loops or f"1-{r.model.loops}", r.model.loops)
     except ValueError as err:

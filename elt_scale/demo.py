@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -50,20 +49,11 @@ def tokenize(shards: Path, args: tuple[str, ...] = ()) -> None:
 
 
 def read_split(shards: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of a split, in shard order: (codes (N, H, W) long or pixels float, labels (N,) long)."""
-    from .data.shards import LABEL_MEMBER, SAMPLE_MEMBER, decode_npy, read_manifest
-    codes, labels = {}, {}
-    for name in read_manifest(shards)["splits"][split]["shards"]:
-        with tarfile.open(shards / name) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext == SAMPLE_MEMBER:
-                    codes[key] = decode_npy(tar.extractfile(member).read())
-                elif ext == LABEL_MEMBER:
-                    labels[key] = int(tar.extractfile(member).read())
-    keys = sorted(codes)
-    x = torch.from_numpy(np.stack([codes[k] for k in keys]))
-    return (x.float() if x.is_floating_point() else x.long()), torch.tensor([labels[k] for k in keys])
+    """Every sample of a split, in stored order: (codes (N, H, W) long or pixels float, labels (N,) long)."""
+    from .data.webds import split_samples
+    samples = list(split_samples(str(shards), split))
+    x = torch.from_numpy(np.stack([a for _, a, _ in samples]))
+    return (x.float() if x.is_floating_point() else x.long()), torch.tensor([label for _, _, label in samples])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +134,7 @@ def _sweep_one(run_dir: str, name: str, loops: str, num: int, sample_steps: int,
     """One run's any-time sweep in its own process on one CPU thread (small matrices: a process per core
     beats two threads on one model)."""
     torch.set_num_threads(1)
-    from .evaluate import anytime_sweep
+    from .inference.anytime import anytime_sweep
     return anytime_sweep([run_dir], loops, num, out, names=[name], steps=sample_steps, seed=0, shards=shards,
                          progress=False)
 
@@ -154,7 +144,9 @@ def sweep_both(runs: dict[str, Path], l_max: int, num: int, sample_steps: int, s
     """elt_scale.evaluate.anytime_sweep for both runs (in parallel), merged into one anytime.csv + plot."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    from .evaluate import CSV_NAME, plot_anytime, write_csv
+
+    from .inference.anytime import CSV_NAME, plot_anytime
+    from .inference.anytime import write_csv as write_sweep_csv
 
     loops = f"1-{l_max + 1}"
     dirs = {name: out / "anytime" / name for name in runs}
@@ -168,7 +160,7 @@ def sweep_both(runs: dict[str, Path], l_max: int, num: int, sample_steps: int, s
             time.sleep(1.0)
         rows = [r for name in runs for r in futures[name].result()]
         bar.update(total - bar.n)
-    write_csv(out / "anytime" / CSV_NAME, rows)
+    write_sweep_csv(out / "anytime" / CSV_NAME, rows)
     plot_anytime(rows, out / "anytime" / "anytime.png")
     return rows
 
@@ -181,14 +173,14 @@ def _csv_rows(path: Path) -> int:
 
 
 def measure(runs: dict[str, Path], shards: Path, out: Path, num: int, sample_steps: int, parallel: bool) -> list[dict]:
-    from .engine.export import load_model
+    from .inference.load import load
 
     codes, labels = read_split(shards, "val")
-    l_max = max(load_model(r)[1].model.loops for r in runs.values())
+    l_max = max(load(r).recipe.model.loops for r in runs.values())
     loops = list(range(1, l_max + 2))
     val = {}
     for name, run_dir in tqdm(runs.items(), desc="val loss at each L", unit="run"):
-        model, _ = load_model(run_dir)
+        model = load(run_dir).model
         val[name] = val_loss_by_loops(model, codes, labels, loops)
     sweep = sweep_both(runs, l_max, num, sample_steps, shards, out, parallel)
     rows = []

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from .seeding import generator
+
 
 def draw_l_int(seed: int, step: int, min_loops: int, max_loops: int) -> int:
     """L_int ~ Uniform{min_loops, …, max_loops−1}, a pure function of (seed, step): identical on every
     rank without communication, and the same sequence after a resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return int(torch.randint(min_loops, max_loops, (1,), generator=g))
+    return int(torch.randint(min_loops, max_loops, (1,), generator=generator(seed, "l_int", step)))
 
 
 def ilsd_lambda(step: int, start: float, end: float, steps: int) -> float:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RecipeError, load_recipe
-from .models import build_model
+from .models import build_model, param_counts
 from .models.flops import forward_flops, sequence_length, train_flops_per_sample
 
 GiB = 2**30
@@ -65,12 +65,7 @@ def parameter_counts(recipe) -> dict:
     """Unique parameters (built on the meta device: no memory, no init cost), the trunk's share, and the
     effective count of the unrolled network (trunk × L_max + everything else)."""
     with torch.device("meta"):
-        model = build_model(recipe)
-    unique = sum(p.numel() for p in model.parameters())
-    trunk = sum(p.numel() for p in model.trunk.parameters())
-    largest_layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.trunk.layers)
-    return {"unique": unique, "trunk": trunk, "effective": unique + trunk * (recipe.model.loops - 1),
-            "largest_layer": largest_layer}
+        return param_counts(build_model(recipe))
 
 
 # ---------------------------------------------------------------------------------------------

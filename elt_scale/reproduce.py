@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .demo import ROOT, cpu_seconds, machine, read_split, tokenize, val_loss_by_loops
+from .models import count_params
 
 FAMILIES = {   # family -> (recipe, tokenize.py arguments, shard folder)
     "masked": (ROOT / "recipes" / "digits_masked.yaml", (), "digits"),
@@ -152,10 +153,11 @@ def measure_run(name: str, run_dir: str, shards: str, num: int, sample_steps: in
                 out: str) -> list[dict]:
     """One model in its own process on one thread: held-out loss and the any-time sweep at each L."""
     torch.set_num_threads(1)
-    from .engine.export import load_model
-    from .evaluate import anytime_sweep
+    from .inference.anytime import anytime_sweep
+    from .inference.load import load
 
-    model, recipe = load_model(run_dir)
+    loaded = load(run_dir)
+    model, recipe = loaded.model, loaded.recipe
     loops = loop_counts(recipe.model.loops)
     x, y = read_split(Path(shards), "val")
     val = (val_loss_by_loops(model, x, y, loops) if recipe.model.family == "masked"
@@ -163,7 +165,7 @@ def measure_run(name: str, run_dir: str, shards: str, num: int, sample_steps: in
     sweep = anytime_sweep([run_dir], [str(L) for L in loops], num, out, names=[name], steps=sample_steps,
                           sampler=sampler, seed=0, shards=shards, progress=False)
     losses = train_losses(Path(run_dir))
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     return [{"unique_layers": recipe.model.unique_layers, "trained_L": recipe.model.loops, "L": int(r["L"]),
              "params": params, "gflops_per_sample": r["gflops_per_sample"], "val_loss": round(val[int(r["L"])], 5),
              "class_acc": r.get("class_acc"), "fd_digits": r.get("fd_digits"),

@@ -7,6 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from elt_scale.dist import free_port  # noqa: E402  (the checkout's package, after the path insert)
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
@@ -35,15 +38,8 @@ def train_cmd(recipe: str, *overrides: str, nprocs: int = 1) -> list[str]:
     if nprocs == 1:
         return [sys.executable, "-m", "elt_scale.train", str(ROOT / "recipes" / recipe), *overrides]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-            "--master_port", str(_free_port()), "--module", "elt_scale.train", str(ROOT / "recipes" / recipe),
+            "--master_port", str(free_port()), "--module", "elt_scale.train", str(ROOT / "recipes" / recipe),
             *overrides]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_train(recipe: str, *overrides: str, nprocs: int = 1, timeout: int = 600, env=None):

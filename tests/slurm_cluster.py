@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from elt_scale.dist import free_ports
+
 NODES = ("n1", "n2")
 HOSTS_LINE = "127.0.0.1 n1 n2  # elt-scale local Slurm test cluster"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
@@ -52,17 +54,6 @@ def _resolves_to_loopback(name: str) -> bool:
         return socket.gethostbyname(name) == "127.0.0.1"
     except OSError:
         return False
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def slurm_conf(root: Path, ctld_port: int, node_ports: list[int], cpus: int) -> str:
@@ -143,7 +134,7 @@ class LocalSlurm:
         ensure_host_aliases()
         for d in ("munge", "state", "spool/n1", "spool/n2", "run", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         (self.root / "slurm.conf").write_text(slurm_conf(self.root, ctld_port, node_ports, self.cpus))
         self._start_munged()
         self._spawn("slurmctld", ["slurmctld", "-D"])          # -D: foreground, our child

@@ -34,7 +34,7 @@ def cli_samples(run, tmp_path_factory):
 
 def test_run_dir_export_and_saved_folder_sample_like_elt_sample(run, cli_samples, tmp_path):
     from elt_scale import ELT
-    from elt_scale.engine.export import export
+    from elt_scale.inference.load import export_run as export
 
     from_run = ELT.from_pretrained(run)                              # EMA: the run keeps one
     for loops, expected in cli_samples.items():

@@ -10,7 +10,6 @@ import torch
 from elt_scale.config import load_recipe
 from elt_scale.demo import val_loss_by_loops
 from elt_scale.models import build_model
-
 from tests.conftest import ROOT
 
 

@@ -16,9 +16,10 @@ import sys
 import pytest
 import torch
 
+from elt_scale.dist import free_port
 from elt_scale.engine import checkpoint as ckpt
 from elt_scale.engine import universal
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT
 from tests.test_engine import copy_checkpoint, ok
 
 pytestmark = pytest.mark.multiproc
@@ -34,7 +35,7 @@ def probe(shards, run_dir, probe_dir, nprocs, *overrides):
               f"data.shards={shards}", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", *TINY, *overrides]
     cmd = ([sys.executable, *script] if nprocs == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
-            str(_free_port()), *script])
+            str(free_port()), *script])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env.update(ELT_PROBE_DIR=str(probe_dir), PYTHONPATH=str(ROOT))
     return ok(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))

@@ -16,9 +16,10 @@ import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.engine import checkpoint as ckpt
-from elt_scale.engine.ema import consolidate
 from elt_scale.engine.guard import GuardedAdamW
 from elt_scale.engine.preemption import PREEMPT_EXIT_CODE
+from elt_scale.inference.weights import consolidated_ema as consolidate
+from elt_scale.inference.weights import consolidated_weights
 from elt_scale.models import build_model
 from tests.conftest import ROOT, read_metrics, run_train, train_cmd
 
@@ -56,7 +57,7 @@ def straight(tmp_path_factory, digits_shards):
 
 
 def weights(run_dir, step):
-    return ckpt.consolidated_weights(run_dir / "ckpt" / ckpt.tag_for(step))
+    return consolidated_weights(run_dir / "ckpt" / ckpt.tag_for(step))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -7,8 +7,9 @@ import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.engine import checkpoint as ckpt
-from elt_scale.engine.ema import ShardedEMA, consolidate
+from elt_scale.engine.ema import ShardedEMA
 from elt_scale.engine.logger import MetricsLog, Throughput
+from elt_scale.inference.weights import consolidated_ema as consolidate
 from tests.conftest import ROOT
 
 
@@ -131,3 +132,36 @@ def test_optimizer_keeps_norms_and_biases_out_of_weight_decay(offload):
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == recipe.train.weight_decay > 0 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
+
+
+@pytest.mark.parametrize("version", ["0.18.2", "0.20.0", "1.0.0"])
+def test_deepspeed_outside_the_tested_range_stops_the_run_in_one_line(version, monkeypatch, tmp_path, digits_shards,
+                                                                      capsys):
+    import deepspeed
+
+    from elt_scale import train
+    from tests.conftest import ROOT
+    monkeypatch.setattr(deepspeed, "__version__", version)
+    rc = train.main([str(ROOT / "recipes" / "digits_masked.yaml"), f"data.shards={digits_shards}",
+                     f"run.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"DeepSpeed {version} is installed; elt-scale needs deepspeed>=0.19.8,<0.20" in err
+    assert not (tmp_path / "digits_masked").exists()                   # nothing started
+
+
+def test_deepspeed_missing_an_internal_we_use_is_named(monkeypatch):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from elt_scale.engine import ds_internals
+    ds_internals.check()                                               # the installed one passes
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "update_lp_params")
+    with pytest.raises(ds_internals.DeepSpeedMismatch, match="has no deepspeed.runtime.zero.stage_1_and_2."
+                                                             "DeepSpeedZeroOptimizer.update_lp_params"):
+        ds_internals.check()
+
+
+def test_pyproject_declares_the_tested_deepspeed_range():
+    from elt_scale.engine.ds_internals import TESTED_TEXT
+    from tests.conftest import ROOT
+    assert f'"deepspeed{TESTED_TEXT}"' in (ROOT / "pyproject.toml").read_text()

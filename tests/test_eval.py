@@ -12,10 +12,15 @@ import torch
 import torch.nn as nn
 
 from elt_scale import evaluate, sample
+from elt_scale.dist import free_port
+from elt_scale.inference.load import export_run
+from elt_scale.inference.outputs import save_grid
+from elt_scale.inference.reference import load_reference
+from elt_scale.inference.samples import SampleSet, merge_sets, to_uint8
+from elt_scale.inference.scoring import Scorer
 from elt_scale.metrics import MissingWeightsError, frechet_distance, fvd, inception_score, load_i3d, load_inception
 from elt_scale.metrics.digits import digits_metrics, load_classifier, real_digits, real_digits_uint8
-from tests.conftest import ROOT, _free_port, run_train
-
+from tests.conftest import ROOT, run_train
 
 # ---------------------------------------------------------------------------------------------
 # tiny stand-ins for Inception and I3D, saved as TorchScript and loaded through the real code path
@@ -90,9 +95,9 @@ def test_missing_weights_fail_fast_without_download(monkeypatch, tmp_path):
     real = real_digits_uint8()[:20]
     for weights_path in (None, tmp_path / "missing.pt"):
         with pytest.raises(MissingWeightsError, match="--inception-weights"):
-            evaluate.measure(real, None, "fid", real, inception_weights=weights_path)
+            Scorer(real, inception_weights=weights_path)(real, None, "fid")
         with pytest.raises(MissingWeightsError, match="--i3d-weights"):
-            evaluate.measure(np.zeros((2, 16, 8, 8, 3), np.uint8), None, "fvd", real, i3d_weights=weights_path)
+            Scorer(real, i3d_weights=weights_path)(np.zeros((2, 16, 8, 8, 3), np.uint8), None, "fvd")
     # the CLI: a clear message and exit code 2, quickly (the timeout would catch a hang)
     npz = tmp_path / "s.npz"
     np.savez(npz, arr_0=real, arr_1=np.zeros(20, np.int64))
@@ -115,7 +120,7 @@ def test_digits_classifier_is_cached_and_separates_digits_from_noise(tmp_path, m
 
 
 def test_reference_images_from_shards_match_the_digits(digits_shards):
-    ref = evaluate.load_reference(digits_shards, limit=50)
+    ref = load_reference(digits_shards, limit=50)
     images, _ = real_digits()
     assert ref.dtype == np.uint8 and ref.shape == (50, 8, 8, 3)
     known = {np.round(im * 255).astype(np.uint8).tobytes() for im in images}
@@ -158,7 +163,7 @@ def test_two_processes_split_the_samples_and_match_one(trained_run, tmp_path):
     sample.main([str(trained_run), *common, "--out", str(tmp_path / "one")])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "elt_scale.sample", str(trained_run), *common, "--out", str(tmp_path / "two")]
+           str(free_port()), "-m", "elt_scale.sample", str(trained_run), *common, "--out", str(tmp_path / "two")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)         # own process group: a timeout kills the workers too
     try:
@@ -173,8 +178,7 @@ def test_two_processes_split_the_samples_and_match_one(trained_run, tmp_path):
 
 
 def test_anytime_sweep_writes_csv_and_plot(trained_run, tmp_path):
-    from elt_scale.engine.export import export
-    exported = export(trained_run, tmp_path / "model.safetensors")
+    exported = export_run(trained_run, tmp_path / "model.safetensors")
     out = tmp_path / "anytime"
     rc = evaluate.main(["anytime", str(trained_run), "--compare", str(exported), "--loops", "1-2,auto:0.2",
                         "--num", "20", "--steps", "4", "--out", str(out)])
@@ -195,20 +199,17 @@ def test_anytime_sweep_writes_csv_and_plot(trained_run, tmp_path):
 def test_video_samples_become_channels_last_and_a_gif_grid(tmp_path):
     from PIL import Image
     video = torch.rand(5, 1, 4, 8, 8)                                   # (B, C, T, H, W) in [0, 1]
-    u8 = sample.to_uint8(video)
+    u8 = to_uint8(video)
     assert u8.shape == (5, 4, 8, 8, 3) and u8.dtype == np.uint8
-    path = sample.save_grid(tmp_path / "grid_L2", u8)
+    path = save_grid(tmp_path / "grid_L2", u8)
     assert path.name == "grid_L2.gif" and Image.open(path).n_frames == 4
 
 
-def test_merge_restores_global_order_and_skips_empty_ranks(tmp_path):
-    parts = []
-    for rank, idx in enumerate(([4, 5, 0, 1], [2, 3], [])):
-        s = sample.SampleSet(np.array(idx, np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1) if idx else
-                             np.zeros((0,), np.uint8), np.array(idx, np.int64), 1.0, 2.0, 0.5, np.array(idx, np.int64))
-        sample.write_part(tmp_path / f"p{rank}.npz", s)
-        parts.append(tmp_path / f"p{rank}.npz")
-    merged = sample.merge_parts(parts)
+def test_merge_restores_global_order_and_skips_empty_ranks():
+    parts = [SampleSet(np.array(idx, np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1) if idx else np.zeros((0,), np.uint8),
+                       np.array(idx, np.int64), 1.0, 2.0, 0.5, np.array(idx, np.int64))
+             for idx in ([4, 5, 0, 1], [2, 3], [])]
+    merged = merge_sets(parts)
     assert merged.labels.tolist() == [0, 1, 2, 3, 4, 5] and merged.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 

@@ -1,4 +1,4 @@
-"""Export round trip: a DeepSpeed ZeRO-2 run with EMA -> elt-export (raw and --ema) -> load_model
+"""Export round trip: a DeepSpeed ZeRO-2 run with EMA -> elt-export (raw and --ema) -> inference.load
 without DeepSpeed gives the same outputs as the DeepSpeed engine (and its EMA) that the run restores."""
 import subprocess
 import sys
@@ -26,7 +26,7 @@ def engine_outputs(run_dir, inputs, monkeypatch):
     import deepspeed
     import torch.distributed as dist
 
-    from elt_scale.engine.distributed import free_port
+    from elt_scale.dist import free_port
     from elt_scale.engine.ds_config import make_ds_config, make_optimizer
     from elt_scale.engine.ema import ShardedEMA
     from elt_scale.models import build_model
@@ -58,17 +58,17 @@ def engine_outputs(run_dir, inputs, monkeypatch):
 def test_export_round_trip_raw_and_ema(ema_run, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from elt_scale.engine.export import load_model
+    from elt_scale.inference.load import load
     tokens, labels = torch.randint(0, 18, (4, 8, 8), generator=torch.Generator().manual_seed(1)), torch.arange(4)
     want_raw, want_ema = engine_outputs(ema_run, (tokens, labels), monkeypatch)
     for flag, want in (([], want_raw), (["--ema"], want_ema)):
         out = tmp_path / f"model{''.join(flag)}.safetensors"
-        r = subprocess.run([sys.executable, "-m", "elt_scale.engine.export", str(ema_run), *flag, "--out", str(out)],
+        r = subprocess.run([sys.executable, "-m", "elt_scale.export", str(ema_run), *flag, "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         with safe_open(str(out), framework="pt") as f:                  # plain safetensors, recipe inside
             assert f.metadata()["ema"] == ("true" if flag else "false") and "recipe" in f.metadata()
-        model, recipe = load_model(out, ema=bool(flag))
+        model = load(out, ema=bool(flag)).model
         with torch.no_grad():
             got = model(tokens, labels, exits=(1, 4))
         for g, w in zip(got, want, strict=True):
@@ -80,7 +80,7 @@ def test_export_ema_of_a_run_without_ema_fails_clearly(tmp_path, digits_shards):
     r = run_train("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", "run.name=noema",
                   "model.width=32", "train.micro_batch=8", "train.steps=1", "train.save_every=0")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "elt_scale.engine.export", str(tmp_path / "noema"), "--ema",
+    r = subprocess.run([sys.executable, "-m", "elt_scale.export", str(tmp_path / "noema"), "--ema",
                         "--out", str(tmp_path / "m.safetensors")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "no EMA shards" in r.stderr and "train.ema_decay" in r.stderr
     assert not (tmp_path / "m.safetensors").exists()
@@ -106,7 +106,7 @@ def tiny_run(tmp_path):
     ("unknown_tag", "step_00000009: no such checkpoint; tags in"),
 ])
 def test_export_bad_out_or_tag_is_one_line_exit_2(case, words, tiny_run, tmp_path, capsys):
-    from elt_scale.engine.export import main
+    from elt_scale.export import main
     out, tag = tmp_path / "model.safetensors", []
     if case == "out_is_dir":
         out.mkdir()
@@ -120,7 +120,8 @@ def test_export_bad_out_or_tag_is_one_line_exit_2(case, words, tiny_run, tmp_pat
 
 
 def test_export_creates_the_out_folder(tiny_run, tmp_path):
-    from elt_scale.engine.export import load_model, main
+    from elt_scale.export import main
+    from elt_scale.inference.load import load
     out = tmp_path / "new" / "dir" / "model.safetensors"
     assert main([str(tiny_run), "--out", str(out)]) == 0
-    assert load_model(out)[1].model.width == 32
+    assert load(out).recipe.model.width == 32

@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -100,9 +99,9 @@ def _gather_l_int(rank, world, port, out):
 
 @pytest.mark.multiproc
 def test_l_int_identical_on_two_ranks():
-    from tests.conftest import _free_port
+    from elt_scale.dist import free_port
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    mp.spawn(_gather_l_int, args=(2, _free_port(), q), nprocs=2)
+    mp.spawn(_gather_l_int, args=(2, free_port(), q), nprocs=2)
     a, b = q.get()
     assert a == b and set(a) <= {2, 3, 4, 5}

@@ -72,8 +72,7 @@ def test_bad_eval_keys_name_the_key(override, key):
 
 
 def test_digits_scorer_matches_elt_eval_digits():
-    from elt_scale.engine.live_eval import DigitsScorer
-    from elt_scale.metrics.digits import digits_metrics, real_digits, real_digits_uint8
+    from elt_scale.metrics.digits import DigitsScorer, digits_metrics, real_digits, real_digits_uint8
     images, labels = real_digits_uint8()[:40], real_digits()[1][:40]
     labels[:10] = (labels[:10] + 1) % 10                      # a quarter misclassified on purpose
     scorer, expected = DigitsScorer(), digits_metrics(images, labels)

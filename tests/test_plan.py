@@ -14,9 +14,8 @@ from elt_scale.config import load_recipe
 from elt_scale.ilsd import ilsd_loss
 from elt_scale.models import build_model
 from elt_scale.objectives import build_objective
+from elt_scale.plan import PRECISIONS, GiB, activation_parts, make_plan, memory, parameter_counts, state_bytes
 from elt_scale.plan import main as plan_main
-from elt_scale.plan import GiB, PRECISIONS, activation_parts, make_plan, memory, parameter_counts, state_bytes
-
 from tests.conftest import ROOT
 
 FP32 = PRECISIONS["fp32"]

@@ -9,7 +9,6 @@ import torch
 from elt_scale.config import load_recipe
 from elt_scale.models import build_model
 from elt_scale.reproduce import COLUMNS, FAMILIES, MODELS, loop_counts, model_overrides, train_losses, val_mse_by_loops
-
 from tests.conftest import ROOT
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from elt_scale.config import load_recipe
+from elt_scale.loopspec import Adaptive
 from elt_scale.models import build_model
 from elt_scale.models.flops import forward_flops
 from elt_scale.sampling import generate, parse_loop_list, parse_loops
-from elt_scale.sampling.loops import Adaptive, run_adaptive
+from elt_scale.sampling.loops import run_adaptive
 from elt_scale.sampling.maskgit import choice_temperature, maskgit_sample
 from elt_scale.sampling.predict import Cost, diffusion_x0, guided
 from tests.conftest import ROOT
@@ -19,7 +20,7 @@ L_MAX = 3
 
 def tiny(family: str, grid=(8, 8), **over):
     name = "digits_masked.yaml" if family == "masked" else "digits_diffusion.yaml"
-    o = [f"model.width=32", f"model.loops={L_MAX}", f"model.grid={list(grid)}", "model.unique_layers=1"]
+    o = ["model.width=32", f"model.loops={L_MAX}", f"model.grid={list(grid)}", "model.unique_layers=1"]
     o += [f"{k}={v}" for k, v in over.items()]
     recipe = load_recipe(ROOT / "recipes" / name, o)
     torch.manual_seed(0)

@@ -20,6 +20,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..seeding import derive_seed
+
 
 @dataclass(frozen=True)
 class Order:
@@ -75,7 +77,7 @@ class Order:
 
     def shard_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.sizes)))
-        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
         return order
 
     def _starts(self, epoch: int) -> tuple[list[int], list[int]]:
@@ -107,7 +109,7 @@ class Order:
     def permutation(self, epoch: int, stream: int, window: int, n: int) -> np.ndarray:
         if self.shuffle_buffer == 0:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, stream, window]).permutation(n)
+        return np.random.default_rng(derive_seed(self.seed, "window", epoch, stream, window)).permutation(n)
 
     def micro_batch_samples(self, batch: int, stream: int) -> list[tuple[int, int]]:
         """(shard, sample in shard) of micro-batch `stream` of global batch `batch`: the whole contract."""

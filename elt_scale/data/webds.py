@@ -11,8 +11,6 @@ and the manifest is read from beside the shards over the same scheme.
 Only a sample's own members are read (ALLOWED_MEMBERS); `.npy` is parsed with pickles refused."""
 from __future__ import annotations
 
-import functools
-import io
 import json
 import re
 
@@ -22,7 +20,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ..config import RecipeError
-from .shards import ALLOWED_MEMBERS, FORMAT, LABEL_MEMBER, MANIFEST, SAMPLE_MEMBER, read_manifest
+from .shards import ALLOWED_MEMBERS, FORMAT, LABEL_MEMBER, MANIFEST, SAMPLE_MEMBER, decode_npy, read_manifest
 
 
 class ShardError(RuntimeError):
@@ -137,34 +135,6 @@ def shard_samples(url: str, bytes_read=None):
         f.close()
 
 
-@functools.lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple:
-    """(shape, order, dtype, items) from a .npy header, parsed by numpy's own (literal_eval) reader; object
-    dtypes raise as np.load(allow_pickle=False) does. Cached: all samples of a dataset share one header, and
-    parsing it is most of np.load's cost."""
-    f = io.BytesIO(header)
-    version = np.lib.format.read_magic(f)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f".npy format version {version} is not supported")
-    shape, fortran, dtype = readers[version](f)
-    if dtype.hasobject:
-        raise ValueError("object arrays cannot be loaded when allow_pickle=False")
-    return shape, "F" if fortran else "C", dtype, int(np.prod(shape, dtype=np.int64))
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """`.npy` bytes -> array, never unpickling (a read-only view of `data`)."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not a .npy payload")
-    size_bytes = 2 if data[6] == 1 else 4
-    offset = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
-    shape, order, dtype, count = _npy_header(bytes(data[:offset]))
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"array data truncated: {len(data) - offset} bytes for shape {shape} {dtype}")
-    return np.frombuffer(data, dtype, count, offset).reshape(shape, order=order)
-
-
 def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
     """A sample's (array, label); anything else in it is refused, never decoded."""
     unexpected = set(members) - ALLOWED_MEMBERS
@@ -173,7 +143,7 @@ def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
             what = f"unexpected member(s) {sorted(unexpected)}" if unexpected else f"members {sorted(members)}"
             raise ShardError(f"{what}; only {sorted(ALLOWED_MEMBERS)} are read (nothing else is ever decoded)")
         try:
-            x = load_npy(members[SAMPLE_MEMBER])
+            x = decode_npy(members[SAMPLE_MEMBER])
         except ValueError as e:
             raise ShardError(f"{SAMPLE_MEMBER} refused ({e})") from e
         try:
@@ -183,3 +153,17 @@ def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
     except ShardError as e:
         raise ShardError(f"shard {url}, sample {key!r}: {e}") from None
     return x, label
+
+
+def split_samples(spec: str, split: str, allow_pipe: bool = False, limit: int | None = None):
+    """(key, array, label) of a split's samples in manifest order, at most `limit`: for readers that want a
+    split as it is stored (reference images, held-out losses), not the training order. Refused samples raise."""
+    manifest = load_manifest(spec, allow_pipe)
+    urls, _ = shard_urls(spec, split, manifest)
+    count = 0
+    for url in urls:
+        for key, members in shard_samples(url):
+            if limit is not None and count >= limit:
+                return
+            yield (key, *decode_sample(key, members, url))
+            count += 1

@@ -16,18 +16,47 @@ from a universal checkpoint (universal.py) and each rank's data stream is the ne
 a function of rank and world)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..inference.weights import CLIENT_STATE, POINTER, read_client, read_pointer
 from . import faults
 
-POINTER = "latest"
-CLIENT_STATE = "client_state.json"
+
+@dataclass
+class TrainState:
+    """Everything besides DeepSpeed's own files that a resume needs, saved as client_state.json (and inside
+    DeepSpeed's model-states file) and restored as one object."""
+    step: int = 0
+    data_position: int = 0                 # global batches the loader has handed out
+    world_size: int = 1
+    zero_stage: int = 0
+    ilsd_lambda: float | None = None       # saved as "lambda"
+    wandb_id: str = ""
+    skipped_steps: int = 0
+    bad_streak: int = 0
+    model_shapes: dict | None = None       # parameter shapes, to refuse a checkpoint of another model
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lambda"] = d.pop("ilsd_lambda")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        d = {**d, "ilsd_lambda": d.get("lambda")}
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    @classmethod
+    def read(cls, folder: Path) -> "TrainState":
+        return cls.from_dict(read_client(folder))
 
 
 def tag_for(step: int) -> str:
@@ -41,11 +70,6 @@ def write_pointer(ckpt_dir: Path, tag: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_dir / POINTER)
-
-
-def read_pointer(ckpt_dir: Path) -> str | None:
-    p = Path(ckpt_dir) / POINTER
-    return p.read_text().strip() if p.exists() else None
 
 
 def rng_state() -> dict:
@@ -64,10 +88,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save(engine, ckpt_dir: Path, client: dict, ema=None, keep_last: int = 2) -> str:
-    """Collective: every rank calls it. Returns the tag. `client` must be JSON-serialisable, and its keys
-    must not be DeepSpeed's own: they are merged into its model-states dict ('param_shapes', 'module' ...)."""
-    tag = tag_for(client["step"])
+def save(engine, ckpt_dir: Path, state: TrainState, ema=None, keep_last: int = 2) -> str:
+    """Collective: every rank calls it. Returns the tag. The state's keys are merged into DeepSpeed's
+    model-states dict, so none may be DeepSpeed's own ('param_shapes', 'module' ...)."""
+    client = state.to_dict()
+    tag = tag_for(state.step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client, "rng": rng_state()}, save_latest=False)
     folder = ckpt_dir / tag
     if ema is not None:
@@ -135,29 +160,15 @@ def shape_mismatch(saved: dict | None, shapes: dict) -> str | None:
             f"{saved.get(n, 'absent')} there, {shapes.get(n, 'absent')} here")
 
 
-def read_client(folder: Path) -> dict:
-    return json.loads((folder / CLIENT_STATE).read_text())
-
-
-def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint folder of any ZeRO stage and world size (trusted input: unpickles)."""
-    folder = Path(folder)
-    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
-def load_same_world(engine, folder: Path) -> dict:
-    """Full restore (weights, optimizer, LR schedule) through DeepSpeed; returns our client state
+def load_same_world(engine, folder: Path) -> TrainState:
+    """Full restore (weights, optimizer, LR schedule) through DeepSpeed; returns our train state
     (client_state.json: DeepSpeed hands its own copy back only where the rank's file holds one)."""
     path, ds_client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
         raise FileNotFoundError(f"{folder}: DeepSpeed could not load this checkpoint")
     if ds_client and "rng" in ds_client:    # our randomness is a function of the step; restored for others'
         set_rng_state(ds_client["rng"])
-    return read_client(folder)
+    return TrainState.read(folder)
 
 
 def restore_schedule(engine, scheduler, step: int) -> None:

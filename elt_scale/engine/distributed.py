@@ -2,32 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_dist_env() -> None:
-    """Without a launcher DeepSpeed falls back to MPI discovery (and dies importing mpi4py):
-    make a plain `python -m elt_scale.train` rank 0 of 1 on a free local port."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+from ..dist import backend, local_device, single_process_env
 
 
 def default_group_timeout(timeout: timedelta) -> None:
@@ -59,14 +38,14 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     aborts the communicator and the process on a timeout rather than leaving a stuck kernel behind."""
     import deepspeed
 
-    default_dist_env()
+    single_process_env()
     default_group_timeout(timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        torch.cuda.set_device(device())
-    backend, timeout = "nccl" if torch.cuda.is_available() else "gloo", timedelta(seconds=timeout_s)
+        torch.cuda.set_device(local_device())
+    timeout = timedelta(seconds=timeout_s)
     if store := elastic_attempt_store(timeout):       # DeepSpeed adopts an initialised default group
-        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+        torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]),
                                              world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend(), timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ..config import recipe_to_dict
+from ..models import param_counts
 from ..models.flops import sequence_length, train_flops_per_sample
+from .ds_internals import full_numel
 
 
 def _finite_or_none(v):
@@ -95,14 +97,6 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # Linux: KiB -> GiB (host RSS)
 
 
-def effective_params(model) -> tuple[int, int]:
-    """(unique parameters, effective parameters = the trunk counted L_max times)."""
-    def numel(params):   # ZeRO-3 leaves empty placeholders on the module; ds_numel is the full size
-        return sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    unique, trunk = numel(model.parameters()), numel(model.trunk.parameters())
-    return unique, unique + trunk * (model.trunk.loops - 1)
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -114,7 +108,8 @@ def git_commit() -> str | None:
 
 def write_run_info(path: Path, recipe, model, world: int, ds_config: dict, wandb_id: str) -> dict:
     import deepspeed
-    unique, effective = effective_params(model)
+    counts = param_counts(model, numel=full_numel)      # ZeRO-3 leaves placeholders on the module
+    unique, effective = counts["unique"], counts["effective"]
     info = {"world_size": world, "zero_stage": recipe.deepspeed.zero_stage,
             "global_batch": ds_config["train_batch_size"], "micro_batch": recipe.train.micro_batch,
             "grad_accum": recipe.train.grad_accum, "bf16": ds_config["bf16"]["enabled"],
@@ -125,3 +120,53 @@ def write_run_info(path: Path, recipe, model, world: int, ds_config: dict, wandb
             "git_commit": git_commit(), "ds_config": ds_config}
     Path(path).write_text(json.dumps(info, indent=1))
     return info
+
+
+class Reporter:
+    """Rank 0's voice: console lines, the progress bar, metrics.jsonl and wandb. On every other rank each
+    method does nothing, so the trainer calls them without asking which rank it is."""
+
+    def __init__(self, recipe, rank: int, start_step: int, wandb_id: str):
+        self.on = rank == 0
+        self.metrics = self.wandb = self.bar = None
+        if self.on:
+            from tqdm import tqdm
+            self.metrics = MetricsLog(recipe.run_dir, resume_step=start_step)
+            self.wandb = init_wandb(recipe, wandb_id)
+            self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.run.name, unit="step")
+
+    def say(self, text: str, error: bool = False) -> None:
+        if self.on:
+            print(f"elt-train: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+    def log(self, row: dict) -> None:
+        """One training step's row (every rank computed it; rank 0 writes it)."""
+        if self.on:
+            self.metrics.write(row)
+            if self.wandb:
+                self.wandb.log(row, step=row["step"])
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", L_int=row.get("l_int"))
+
+    def log_eval(self, step: int, rows: list[dict], grids: dict[str, Path], eval_s: float) -> None:
+        """An evaluation: one metrics row per loop spec, the grids as wandb images."""
+        if not self.on:
+            return
+        for row in rows:
+            self.metrics.write(row)
+        if self.wandb:
+            import wandb
+            logged = {f"eval/{k}_{r['eval_L']}": v for r in rows for k, v in r.items()
+                      if k not in ("step", "eval_L", "eval_s")}
+            logged.update({f"eval/grid_{label}": wandb.Image(str(p)) for label, p in grids.items()})
+            self.wandb.log({**logged, "eval/eval_s": eval_s}, step=step)
+
+    def tick(self) -> None:
+        if self.on:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.on:
+            self.bar.close()
+            self.metrics.close()
+            if self.wandb:
+                self.wandb.finish()

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
+from ..inference.weights import read_client
 from .ds_config import merge
+from .ds_internals import adam_step, load_zero3, load_zero12
 
 UNIVERSAL = "universal"
 DEEPSPEED_LOAD = "DeepSpeed universal checkpoint"
@@ -37,7 +38,7 @@ RESTARTED_BF16 = "nothing: bf16 at stage 0 (DeepSpeed's BF16_Optimizer), Adam mo
 
 
 def source_stage(resume_from: Path) -> int:
-    return ckpt.read_client(resume_from)["zero_stage"]
+    return read_client(resume_from)["zero_stage"]
 
 
 def deepspeed_loads(source: int, target: int) -> bool:
@@ -82,7 +83,7 @@ def run_ds_to_universal(folder: Path, out: Path) -> None:
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed on {folder}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    as_zero12_files(tmp / "zero", ckpt.read_client(folder).get("model_shapes") or {})
+    as_zero12_files(tmp / "zero", read_client(folder).get("model_shapes") or {})
     os.replace(tmp, out)
 
 
@@ -127,50 +128,6 @@ def saved_step(states: Path) -> int:
         return int(torch.load(files[0], weights_only=False))
     optim = torch.load(states / "optimizer_state.pt", weights_only=False)
     return int(next(iter(optim["optimizer_state_dict"]["state"].values()))["step"])
-
-
-def load_zero3(opt, states: Path, step: int) -> None:
-    """As DeepSpeed's ZeRO-3 universal load, but with the step from the files and our own param groups'
-    hyperparameters kept: each rank's flat fp32 partition per sub-group is its parameters' partitions back to
-    back, cut out of the full tensors by DeepSpeed's `load_hp_checkpoint_state`; Adam's state is created here
-    (a fresh engine has none yet: torch's Adam creates it lazily). Bracketed like DeepSpeed's own load."""
-    opt.checkpoint_event_prologue()
-    for i, group in enumerate(opt.fp16_groups):
-        flat = opt.fp32_partitioned_groups_flat[i]
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            parts = [opt.load_hp_checkpoint_state(str(states / opt.param_names[p]), key, param=p) for p in group]
-            value = torch.cat([t.to(flat.device, flat.dtype) for t in parts])
-            if key == "fp32":
-                flat.data.copy_(value)
-            else:
-                opt.optimizer.state[flat][key] = value
-        opt.optimizer.state[flat]["step"] = adam_step(opt.optimizer, flat, step)
-        if flat.numel():                                  # the working (bf16/fp32) partitions too
-            opt.fp16_partitioned_groups_flat[i].data.copy_(flat.data)
-    opt.checkpoint_event_epilogue()
-
-
-def load_zero12(opt, states: Path, step: int) -> None:
-    """DeepSpeed's universal load minus its global state and hyperparameters: each parameter's fragment of
-    this rank's flat partition from the full tensors, then the flat Adam state assembled from the fragments
-    (a fresh engine has none yet: torch's Adam creates it lazily)."""
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
-    for i, group in enumerate(opt.optimizer.param_groups):
-        keys = set()
-        for lp in opt.bit16_groups[i]:
-            if lp._hp_mapping is not None:
-                lp.load_hp_checkpoint_state(str(states / opt.param_names[lp]), 0, 1)
-                keys.update(lp._hp_mapping.get_optim_state_keys())
-        hp = group["params"][0]
-        map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, keys)
-        opt.optimizer.state[hp]["step"] = adam_step(opt.optimizer, hp, step)
-    opt.update_lp_params()
-
-
-def adam_step(opt, param, step: int):
-    """Adam's step count as torch keeps it: a float32 scalar, on the parameter's device when fused/capturable."""
-    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
-    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def read(folder: Path, key: str) -> torch.Tensor:

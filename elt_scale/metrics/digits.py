@@ -100,12 +100,30 @@ def real_digits_uint8() -> np.ndarray:
     return np.repeat(u8[..., None], 3, axis=-1)
 
 
-@torch.no_grad()
-def digits_metrics(samples: np.ndarray, labels: np.ndarray, clf: DigitsClassifier | None = None) -> dict:
-    """samples uint8 (N, 8, 8, 3), labels (N,) -> {'class_acc', 'fd_digits'} (acc in [0, 1])."""
-    from .frechet import frechet_distance, to_nchw
+class DigitsScorer:
+    """Class consistency and FD-digits of sample sets against the real digits, whose features are computed
+    once per scorer (reused across every L of every evaluation)."""
 
-    clf = clf or load_classifier()
-    pred = clf(to_nchw(samples)).argmax(-1).numpy()
-    fd = frechet_distance(samples, real_digits_uint8(), DigitsFeatures(clf), batch=1000)
-    return {"class_acc": float((pred == np.asarray(labels)).mean()), "fd_digits": fd}
+    def __init__(self, clf: DigitsClassifier | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from .frechet import to_nchw
+        self.clf, self.to_nchw = clf or load_classifier(), to_nchw
+        self.fd = FrechetInceptionDistance(feature=DigitsFeatures(self.clf), reset_real_features=False,
+                                           sync_on_compute=False)     # one process computes it
+        with torch.no_grad():
+            self.fd.update(to_nchw(real_digits_uint8()), real=True)
+
+    @torch.no_grad()
+    def __call__(self, samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """samples uint8 (N, 8, 8, 3), labels (N,) -> {'class_acc', 'fd_digits'} (acc in [0, 1])."""
+        x = self.to_nchw(samples)
+        self.fd.reset()                                        # keeps the real features
+        self.fd.update(x, real=False)
+        acc = float((self.clf(x).argmax(-1).numpy() == np.asarray(labels)).mean())
+        return {"class_acc": acc, "fd_digits": float(self.fd.compute())}
+
+
+def digits_metrics(samples: np.ndarray, labels: np.ndarray, clf: DigitsClassifier | None = None) -> dict:
+    """One sample set's {'class_acc', 'fd_digits'} (a scorer built for it)."""
+    return DigitsScorer(clf)(samples, labels)

@@ -18,8 +18,17 @@ def build_model(recipe) -> nn.Module:
     return DiffusionELT(channels=m.channels, patch_size=m.patch_size, temporal_patch=m.temporal_patch, **common)
 
 
+def param_counts(model: nn.Module, numel=lambda p: p.numel()) -> dict[str, int]:
+    """Unique parameters, the trunk's share, the largest trunk layer, and the effective count of the unrolled
+    network (trunk × L_max + everything else). `numel` counts one parameter (ZeRO-3 leaves placeholders)."""
+    count = lambda params: sum(numel(p) for p in params)   # noqa: E731
+    unique, trunk = count(model.parameters()), count(model.trunk.parameters())
+    return {"unique": unique, "trunk": trunk, "effective": unique + trunk * (model.trunk.loops - 1),
+            "largest_layer": max(count(layer.parameters()) for layer in model.trunk.layers)}
+
+
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return param_counts(model)["unique"]
 
 
-__all__ = ["build_model", "count_params", "LoopedTrunk", "MaskedELT", "DiffusionELT"]
+__all__ = ["build_model", "count_params", "param_counts", "LoopedTrunk", "MaskedELT", "DiffusionELT"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..loopspec import Adaptive, LoopSchedule, parse_loop_list, parse_loops
 from .diffusion import SAMPLERS, diffusion_sample
-from .loops import Adaptive, LoopSchedule, parse_loop_list, parse_loops
 from .maskgit import maskgit_sample
 from .predict import Cost
 

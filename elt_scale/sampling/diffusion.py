@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..loopspec import LoopSchedule
 from ..objectives.noise import alpha_sigma
-from .loops import LoopSchedule
 from .predict import Cost, diffusion_x0, guided
 
 SAMPLERS = ("ddpm", "ddim")

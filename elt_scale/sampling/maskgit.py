@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .loops import LoopSchedule
+from ..loopspec import LoopSchedule
 from .predict import Cost, guided, masked_logits
 
 

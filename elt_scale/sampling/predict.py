@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..loopspec import Adaptive
 from ..models.flops import embed_flops, readout_flops, trunk_flops
-from .loops import Adaptive, run_trunk
+from .loops import run_trunk
 
 
 @dataclass

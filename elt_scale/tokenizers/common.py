@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ..seeding import generator
+
 
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
@@ -51,4 +53,4 @@ def key_noise(shape: tuple, seeds: list[int] | None, batch: int) -> torch.Tensor
     """Standard normal noise with one generator per sample, seeded from the sample (its key), so a
     sampled latent does not depend on which rank or batch the sample landed in."""
     seeds = seeds if seeds is not None else list(range(batch))
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.stack([torch.randn(shape, generator=generator(int(s), "latent")) for s in seeds])

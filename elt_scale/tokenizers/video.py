@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..seeding import derive_seed
 from .common import key_noise, load_diffusers, recorded_path, resolve_device, resolve_precision
 
 
@@ -41,7 +42,7 @@ class PerFrame:
 
     def encode(self, images: torch.Tensor, seeds=None) -> torch.Tensor:
         frames, t = self._frames(images, True)
-        frame_seeds = None if seeds is None else [s * 1000 + i for s in seeds for i in range(t)]
+        frame_seeds = None if seeds is None else [derive_seed(s, "frame", i) for s in seeds for i in range(t)]
         return self._video(self.inner.encode(frames, frame_seeds), t, self.kind == "latents")
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

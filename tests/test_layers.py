@@ -1,0 +1,87 @@
+"""The package's import arrows point down: config ← data, models, objectives ← sampling ← inference ← engine ←
+train and the CLIs. Every import in elt_scale/ counts, also the lazy ones inside functions."""
+import ast
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "elt_scale"
+LAYERS = [   # lowest first; a module may import its own layer and the ones below
+    {"config", "seeding", "dist", "loopspec"},
+    {"data", "models", "objectives", "ilsd", "tokenizers", "metrics"},
+    {"sampling"},
+    {"inference"},
+    {"engine"},
+    {"train", "sample", "evaluate", "export", "api", "plan", "demo", "reproduce", "__init__"},
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def component(module: str) -> str:
+    """elt_scale.engine.checkpoint -> engine; elt_scale.train -> train; elt_scale -> __init__."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, absolute module) of every elt_scale import in a module's source."""
+    package = module if is_package else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "elt_scale"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "elt_scale":
+                # `from . import checkpoint`: the names may be submodules
+                names = [f"{target}.{a.name}" for a in node.names] if not node.module else [target]
+                out += [(node.lineno, t) for t in names]
+    return out
+
+
+def upward_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    mine = LEVEL[component(module)]
+    return [f"{module}:{line} imports {target} ({component(target)} is above {component(module)})"
+            for line, target in imported_modules(source, module, is_package)
+            if LEVEL[component(target)] > mine]
+
+
+def package_modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        is_package = rel.name == "__init__"
+        module = ".".join(rel.parts[:-1] if is_package else rel.parts)
+        yield path, module, is_package
+
+
+def test_every_component_has_a_layer():
+    components = {component(m) for _, m, _ in package_modules()}
+    assert components <= set(LEVEL), f"put {sorted(components - set(LEVEL))} into a layer of tests/test_layers.py"
+
+
+def test_no_module_imports_upward():
+    problems = [p for path, module, is_package in package_modules()
+                for p in upward_imports(path.read_text(), module, is_package)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module,source", [
+    ("elt_scale.models.trunk", "from ..engine import checkpoint\n"),
+    ("elt_scale.sampling.loops", "def f():\n    from elt_scale.inference.load import load\n"),   # lazy counts too
+    ("elt_scale.inference.samples", "from .. import train\n"),
+    ("elt_scale.config", "import elt_scale.data.order\n"),
+])
+def test_the_check_catches_an_upward_import(module, source):
+    assert upward_imports(source, module), "an upward import went unnoticed"
+
+
+def test_the_check_allows_downward_and_sideways_imports():
+    assert not upward_imports("from ..inference.weights import read_pointer\nfrom . import faults\n",
+                              "elt_scale.engine.checkpoint")
+    assert not upward_imports("from .load import load\nfrom ..sampling import generate\n", "elt_scale.inference",
+                              is_package=True)
