@@ -1,7 +1,11 @@
 """`--tokenizer jit`: a TorchScript discrete video tokenizer in the Cosmos DV convention (encoder.jit /
 decoder.jit, written here by tests/tiny_tokenizers.py with DV4x8x8's compression) from raw UCF-101-shaped
-clips to shards and back to videos."""
+clips to shards, through training the shrunk masked UCF-101 recipe, to 17-frame videos from elt-sample and
+FVD against the shards."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +13,11 @@ import torch
 
 from data_prep import tokenize
 from data_prep.decode import VideoDecoder
+from elt_scale.data import check_manifest
+from elt_scale.config import load_recipe
 from elt_scale.tokenizers import build_tokenizer, tokenizer_from_manifest
+from tests.conftest import ROOT, read_metrics, run_train
+from tests.test_eval import TinyI3D, scripted
 from tests.test_tokenize import read_samples
 from tests.tiny_tokenizers import make_ucf_tree, write_jit_tokenizer
 
@@ -110,3 +118,41 @@ def test_bf16_from_config_and_lazy_loading(tmp_path):
     fresh = tokenizer_from_manifest({"tokenizer": tok.manifest_entry()}, device="cpu")
     assert fresh.decode(codes).shape == (2, 3, 9, 16, 16)
     assert fresh._encoder is None
+
+
+def shrunk_recipe(shards: Path, out: Path) -> list[str]:
+    """recipes/ucf101_masked_elt_6x4.yaml at 16² pixels instead of 128² (grid 5×2×2 instead of 5×16×16),
+    a tiny trunk, and its 64,000-code vocabulary kept."""
+    return [f"data.shards={shards}", f"run.out_dir={out}", "data.num_workers=0", "model.grid=[5,2,2]",
+            "model.width=32", "model.heads=2", "model.unique_layers=1", "model.loops=2", "train.micro_batch=2",
+            "train.global_batch=2", "train.steps=4", "train.warmup_steps=1", "train.log_every=1",
+            "train.save_every=0", "deepspeed.zero_stage=0", "eval.every=4", "eval.num=2", "eval.steps=2"]
+
+
+def test_masked_ucf101_recipe_trains_and_samples_17_frame_videos(shards, tmp_path):
+    overrides = shrunk_recipe(shards, tmp_path)
+    recipe = load_recipe(ROOT / "recipes" / "ucf101_masked_elt_6x4.yaml", overrides)
+    assert recipe.model.vocab_size == 64000
+    check_manifest(json.loads((shards / "manifest.json").read_text()), recipe, str(shards))
+    r = run_train("ucf101_masked_elt_6x4.yaml", *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "ucf101_masked_elt_6x4"
+    rows = [row for row in read_metrics(run) if "loss" in row]
+    assert len(rows) == 4 and all(np.isfinite(row["loss"]) for row in rows)
+    assert sorted(p.name for p in (run / "samples" / "step_0000004").iterdir()) >= ["grid_L1.gif", "grid_L2.gif"]
+
+    out = tmp_path / "samples"
+    r = subprocess.run([sys.executable, "-m", "elt_scale.sample", str(run), "--loops", "1,2", "-n", "6",
+                        "--steps", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(out / "samples_L2.npz") as f:
+        videos, labels = f["arr_0"], f["arr_1"]
+    assert videos.dtype == np.uint8 and videos.shape == (6, 17, 16, 16, 3) and len(labels) == 6
+    assert (out / "grid_L2.gif").exists() and (out / "grid_L1.gif").exists()
+
+    i3d = scripted(TinyI3D(), tmp_path / "i3d.pt")
+    r = subprocess.run([sys.executable, "-m", "elt_scale.evaluate", "fvd", str(out / "samples_L2.npz"),
+                        "--reference", str(shards), "--i3d-weights", i3d], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fvd=" in r.stdout and np.isfinite(float(r.stdout.split("fvd=")[1].split()[0]))
