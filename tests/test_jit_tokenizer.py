@@ -87,10 +87,14 @@ def test_what_the_tokenizer_cannot_take_is_one_line_exit_2(frames, resolution, e
 
 
 def test_flags_stand_in_for_a_missing_config(ucf, tmp_path, capsys):
-    """Cosmos publishes encoder.jit and decoder.jit only: vocabulary and compression then come from flags."""
+    """Cosmos' hub folders hold encoder.jit, decoder.jit and a small config.json of their own: vocabulary and
+    compression then come from flags."""
     bare = write_jit_tokenizer(tmp_path / "bare", 4, 8, (4, 4, 4), config=False)
+    (bare / "config.json").write_text('{"_class_name": "SomethingElse"}')
     assert tokenize_ucf(ucf, bare, tmp_path / "a") == 2
-    assert "pass --vocab-size N" in capsys.readouterr().err
+    assert "no codebook size (vocab_size or FSQ levels in config.json); pass --vocab-size N" in capsys.readouterr().err
+    assert tokenize_ucf(ucf, bare, tmp_path / "a", "--vocab-size", "64") == 2
+    assert "pass --compression TxSxS" in capsys.readouterr().err
     assert tokenize_ucf(ucf, bare, tmp_path / "b", "--vocab-size", "64", "--compression", "4x8x8") == 0
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["sample"]["dtype"] == "int16" and m["tokenizer"]["vocab_size"] == 64

@@ -1,5 +1,5 @@
 """A discrete video tokenizer exported to TorchScript (`--tokenizer jit`), in the convention of NVIDIA's
-Cosmos discrete video tokenizers (Cosmos-Tokenizer-DV4x8x8 ships `encoder.jit` / `decoder.jit`):
+Cosmos discrete video tokenizers (nvidia/Cosmos-0.1-Tokenizer-DV4x8x8 ships `encoder.jit` / `decoder.jit`):
 
     encoder(video (B, 3, T, H, W) in [-1, 1]) -> indices (B, T', H', W'), or a tuple that starts with them
                                                  (Cosmos DV returns (indices, codes, ...))
@@ -16,8 +16,8 @@ beside the two files or from flags (which win):
      may also be written "4x8x8"; "precision" is optional: auto | fp32 | bf16 | fp16)
 
 `path` is a local directory (torch.jit.load reads files; download a hub snapshot first, e.g.
-`huggingface-cli download nvidia/Cosmos-Tokenizer-DV4x8x8 --local-dir DIR`). The encoder is loaded only to
-encode and the decoder only to decode, so sampling never reads encoder.jit."""
+`huggingface-cli download nvidia/Cosmos-0.1-Tokenizer-DV4x8x8 --local-dir DIR`). The encoder is loaded only
+to encode and the decoder only to decode, so sampling never reads encoder.jit."""
 from __future__ import annotations
 
 import json
@@ -50,23 +50,24 @@ def parse_compression(value, where: str) -> tuple[int, int]:
 
 
 def read_config(directory: Path) -> dict:
+    """The keys this module reads, from config.json if there is one. A config.json written for another
+    loader (Cosmos' hub folders hold a small one) is not an error: flags can give what it lacks."""
     path = directory / CONFIG
-    if not path.is_file():
-        return {}
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object with vocab_size (or levels) and compression")
-    return cfg
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
-def config_vocab(cfg: dict) -> int | None:
-    if "vocab_size" in cfg:
-        return int(cfg["vocab_size"])
-    if "levels" in cfg:                                  # FSQ: every combination of levels is a code
-        return int(math.prod(int(v) for v in cfg["levels"]))
+def config_vocab(cfg: dict, where: Path) -> int | None:
+    try:
+        if "vocab_size" in cfg:
+            return int(cfg["vocab_size"])
+        if "levels" in cfg:                              # FSQ: every combination of levels is a code
+            return int(math.prod(int(v) for v in cfg["levels"]))
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: vocab_size must be an integer, levels a list of integers") from None
     return None
 
 
@@ -107,7 +108,7 @@ class JitVideoTokenizer:
     def __init__(self, path: str = "", vocab_size: int | None = None, compression=None,
                  device: str | None = None, precision: str = "auto", index_dtype: str | None = None, **_):
         if not path:
-            raise ValueError("--tokenizer jit needs --tokenizer-path DIR (a directory with encoder.jit and decoder.jit)")
+            raise ValueError("--tokenizer jit needs --tokenizer-path DIR (a directory with encoder.jit, decoder.jit)")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--tokenizer-path {path}: not a local directory; --tokenizer jit loads "
                                     f"{ENCODER}/{DECODER} from disk (download a hub snapshot first)")
@@ -115,13 +116,14 @@ class JitVideoTokenizer:
         self.path = str(self.dir)
         cfg = read_config(self.dir)
         where = self.dir / CONFIG
-        vocab = vocab_size or config_vocab(cfg)
+        vocab = vocab_size or config_vocab(cfg, where)
         if not vocab:
-            raise ValueError(f"{where}: no vocab_size (or FSQ levels); pass --vocab-size N "
-                             "(Cosmos DV: 64000 = FSQ levels 8,8,8,5,5,5)")
+            raise ValueError(f"{self.dir}: no codebook size (vocab_size or FSQ levels in {CONFIG}); pass "
+                             "--vocab-size N (Cosmos DV: 64000 = FSQ levels 8,8,8,5,5,5)")
         comp = compression or cfg.get("compression")
         if comp is None:
-            raise ValueError(f"{where}: no compression; pass --compression TxSxS (Cosmos DV4x8x8: 4x8x8)")
+            raise ValueError(f"{self.dir}: no compression (in {CONFIG}); pass --compression TxSxS "
+                             "(Cosmos DV4x8x8: 4x8x8)")
         self.vocab_size = int(vocab)
         self.temporal, self.spatial = parse_compression(comp, "--compression" if compression else str(where))
         # int16 holds a 1024-code book; Cosmos' 64,000 FSQ codes need int32
