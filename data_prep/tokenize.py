@@ -41,7 +41,7 @@ from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
 # settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)
 SAMPLE_SETTINGS = ("source", "tokenizer", "tokenizer_path", "tokenizer_subfolder", "vae_class", "pixel_mode",
                    "levels", "latent_sample", "precision", "resolution", "frames", "frame_stride", "flip",
-                   "samples_per_shard", "seed", "class_index")
+                   "samples_per_shard", "seed", "class_index", "vocab_size", "compression")
 # ... plus what decides which items a split holds and how they are cut into shards (split_hash)
 SPLIT_SETTINGS = ("split", "input", "labels", "split_id", "annotations", "world_size")
 
@@ -66,11 +66,16 @@ def parse_args(argv=None):
     g.add_argument("--frame-stride", type=int, default=1, help="video: take every S-th frame")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="pixels", choices=sorted(REGISTRY),
-                   help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | video-vae (3D VAE, e.g. Wan); "
-                        "image tokenizers run per frame on video")
+                   help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | video-vae (3D VAE, e.g. Wan) | "
+                        "jit (TorchScript discrete video tokenizer: encoder.jit + decoder.jit, e.g. Cosmos "
+                        "DV4x8x8); image tokenizers run per frame on video")
     g.add_argument("--tokenizer-path", default=None, help="local directory or hub id (recorded in the manifest)")
     g.add_argument("--tokenizer-subfolder", default=None, help="subfolder inside --tokenizer-path, e.g. vae")
     g.add_argument("--vae-class", default="AutoencoderKLWan", help="video-vae: the diffusers class to load")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="jit: codebook size (default: config.json beside encoder.jit; Cosmos DV: 64000)")
+    g.add_argument("--compression", default=None,
+                   help="jit: TxSxS time x space compression (default: config.json; Cosmos DV4x8x8: 4x8x8)")
     g.add_argument("--latent-sample", action="store_true",
                    help="sd-vae/video-vae: store a posterior sample (seeded per sample key) instead of the mean")
     g.add_argument("--pixel-mode", default="quantized", choices=["quantized", "identity"],
@@ -131,13 +136,15 @@ class Decoded(Dataset):
 
 
 def build(args, source):
-    per_frame = len(source.grid) == 3 and args.tokenizer not in ("pixels", "video-vae")
+    per_frame = len(source.grid) == 3 and args.tokenizer not in ("pixels", "video-vae", "jit")
     kwargs = dict(per_frame=per_frame, device=args.device, precision=args.precision,
                   latent_sample=args.latent_sample, subfolder=args.tokenizer_subfolder)
     if args.tokenizer == "pixels":
         kwargs = dict(mode=args.pixel_mode, levels=args.levels)
     elif args.tokenizer == "video-vae":
         kwargs.update(vae_class=args.vae_class)
+    elif args.tokenizer == "jit":
+        kwargs.update(vocab_size=args.vocab_size, compression=args.compression)
     if args.tokenizer != "pixels" and args.tokenizer_path:
         kwargs["path"] = args.tokenizer_path
     tok = build_tokenizer(args.tokenizer, **kwargs)

@@ -44,10 +44,30 @@ def check_manifest(manifest: dict, recipe, where: str) -> None:
                         f"(model.grid{'' if m.family == 'masked' else ' with model.channels first'})")
     if expect_kind == "codes" and s.get("vocab_size", 0) > m.vocab_size:
         problems.append(f"shards' vocab_size {s['vocab_size']} > model.vocab_size {m.vocab_size}")
+    if s["kind"] == expect_kind:
+        problems += dtype_problems(s.get("dtype"), expect_kind, s.get("vocab_size"), m.family)
     if manifest.get("num_classes", 0) > m.num_classes:
         problems.append(f"shards have {manifest['num_classes']} classes > model.num_classes {m.num_classes}")
     if problems:
         raise ValueError(f"{where}: manifest does not fit the recipe: " + "; ".join(problems))
+
+
+def dtype_problems(dtype: str | None, kind: str, vocab_size: int | None, family: str) -> list[str]:
+    """Codes are integers wide enough for every code of the shards' vocabulary, latents are floats."""
+    if dtype is None:                     # manifests always record it; nothing to compare otherwise
+        return []
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return [f"shards' dtype {dtype!r} is not a numpy dtype"]
+    if kind == "codes":
+        if dt.kind not in "iu":
+            return [f"shards' dtype {dtype} is not an integer type; model.family={family} needs integer codes"]
+        if vocab_size and np.iinfo(dt).max < vocab_size - 1:
+            return [f"shards' dtype {dtype} cannot hold their codes 0..{vocab_size - 1} (vocab_size {vocab_size})"]
+    elif dt.kind != "f":
+        return [f"shards' dtype {dtype} is not a float type; model.family={family} needs latents"]
+    return []
 
 
 class ShardCursors:

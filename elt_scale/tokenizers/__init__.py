@@ -4,8 +4,11 @@
     sd-vae     diffusers AutoencoderKL: latents x scaling_factor, fp16
     vq         diffusers VQModel: int16 code grids
     video-vae  a diffusers 3D KL autoencoder (AutoencoderKLWan by default)
-Image tokenizers run per frame on video (`per_frame=True`). Learned ones load through diffusers'
-`from_pretrained` (local dir or hub id) and are imported only when asked for."""
+    jit        a TorchScript discrete video tokenizer (encoder.jit/decoder.jit, e.g. Cosmos DV4x8x8):
+               int code grids with a compressed time axis
+Image tokenizers run per frame on video (`per_frame=True`). The diffusers ones load through diffusers'
+`from_pretrained` (local dir or hub id), jit through torch.jit.load (local dir); all are imported only
+when asked for."""
 from __future__ import annotations
 
 from .pixels import PixelTokenizer
@@ -26,7 +29,12 @@ def _video_vae(**kw):
     return VideoVAETokenizer(**kw)
 
 
-REGISTRY = {"pixels": PixelTokenizer, "sd-vae": _sd_vae, "vq": _vq, "video-vae": _video_vae}
+def _jit(**kw):
+    from .jit_video import JitVideoTokenizer
+    return JitVideoTokenizer(**kw)
+
+
+REGISTRY = {"pixels": PixelTokenizer, "sd-vae": _sd_vae, "vq": _vq, "video-vae": _video_vae, "jit": _jit}
 
 
 def build_tokenizer(name: str, per_frame: bool = False, **kwargs):
