@@ -1,23 +1,22 @@
 """Splitting tokenization work over ranks, resuming it, and merging what the ranks wrote.
 
-Items are written in a seeded random permutation of the full sorted item list (`write_order`; source
-order with --keep-source-order): sorted ImageNet/UCF-101 lists run class by class, and the loader mixes
-only a few consecutive shards per shuffle window, so class-sorted shards give batches of few classes
-(issue 26). The permutation is a pure function of (seed, number of items), so every rank of an array job
-computes the same list. Rank r of W takes the contiguous slice [r*n//W, (r+1)*n//W) of that list and cuts
-it into shards of `samples_per_shard` *input items* (an unreadable item leaves its shard one sample short,
-so shard boundaries never move). Shard indices are global: rank r starts after every shard of the
-ranks before it, so ranks never touch each other's files. Each finished shard has a sidecar
-`{shard}.json` with its counts; a rerun skips every shard whose file exists (it was renamed into
-place only when whole). A finished rank writes `manifest.{split}.rank{r:05d}.json`; `--merge` (or a
-world size of 1) folds those into manifest.json, split by split. A split's manifest entry records the
-write order (`item_order`) and every shard's class counts (`shard_class_counts`, aligned with `shards`),
-from which elt_scale/data/mix.py tells how mixed the training batches are without reading any data."""
+Items are written in a seeded random permutation of the full sorted item list (elt_scale/data/shards.py
+`write_order`; source order with --keep-source-order): sorted ImageNet/UCF-101 lists run class by class,
+and the loader mixes only a few consecutive shards per shuffle window, so class-sorted shards give batches
+of few classes (issue 26). The permutation is a pure function of (seed, number of items), so every rank of
+an array job computes the same list. Rank r of W takes the contiguous slice [r*n//W, (r+1)*n//W) of that
+list and cuts it into shards of `samples_per_shard` *input items* (an unreadable item leaves its shard one
+sample short, so shard boundaries never move). Shard indices are global: rank r starts after every shard
+of the ranks before it, so ranks never touch each other's files. Each finished shard has a sidecar
+`{shard}.json` with its counts; a rerun skips every shard whose file exists (it was renamed into place
+only when whole). A finished rank writes `manifest.{split}.rank{r:05d}.json`; `--merge` (or a world size
+of 1) folds those into manifest.json, split by split. A split's manifest entry records the write order
+(`item_order`) and every shard's class counts (`shard_class_counts`, aligned with `shards`), from which
+elt_scale/data/mix.py tells how mixed the training batches are without reading any data."""
 from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -43,14 +42,6 @@ def rank_from_env() -> tuple[int, int]:
         return (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
                 int(env["SLURM_ARRAY_TASK_COUNT"]))
     return 0, 1
-
-
-def write_order(n: int, seed: int) -> list[int]:
-    """The order items are written in: a permutation of range(n) drawn from (seed, n) only, so every
-    rank, a rerun and --merge agree (str seeds hash through sha512: no PYTHONHASHSEED dependence)."""
-    order = list(range(n))
-    random.Random(f"{seed}/items").shuffle(order)
-    return order
 
 
 def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.shard_plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
-                                  rank_manifest_path, split_entry, write_order)
+                                  rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
-from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json  # noqa: E402
+from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json, write_order  # noqa: E402
 from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
 
 # settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -158,6 +159,16 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
     write_json(Path(out_dir) / MANIFEST, manifest)
+
+
+def write_order(n: int, seed: int) -> list[int]:
+    """The order data_prep/tokenize.py writes a split's n sorted items in: a permutation drawn from (seed, n)
+    only, so every rank of an array job, a rerun and --merge agree (a str seed goes through sha512: no
+    PYTHONHASHSEED dependence). Sorted lists run class by class; written as they are, each shard holds one
+    or two classes and the loader's windows mix only a few (issue 26)."""
+    order = list(range(n))
+    random.Random(f"{seed}/items").shuffle(order)
+    return order
 
 
 def encode_class_counts(counts: dict, num_classes: int) -> str:
