@@ -216,3 +216,28 @@ def test_elt_plan_prints_the_mix_from_a_manifest_or_a_synthetic_one(shards, caps
     mix = json.loads(capsys.readouterr().out)["batch_mix"]["mix"]
     assert (mix["global_batch"], mix["micro_batch"], mix["shards"], mix["classes"]) == (512, 32, 1282, 1000)
     assert 195 < mix["global"] < 215 and mix["global_iid"] == pytest.approx(400.5, abs=0.1)   # the issue: 206
+
+
+def test_reshuffle_turns_a_class_sorted_set_into_the_shuffled_one_without_encoding(shards, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from data_prep import reshuffle
+    out = tmp_path / "mixed"
+    assert reshuffle.main(["--input", str(shards["sorted"]), "--out", str(out)]) == 0
+    new, direct = manifest(out), manifest(shards["shuffled"])
+    assert new["splits"]["train"]["item_order"] == {"shuffled": True, "seed": 0,
+                                                    "reshuffled_from": str(shards["sorted"])}
+    for m in (new, direct):
+        del m["splits"]["train"]["item_order"]
+    assert new == direct                       # no input skipped: tokenize's own permutation, the same cuts
+    for name in direct["splits"]["train"]["shards"]:
+        assert (out / name).read_bytes() == (shards["shuffled"] / name).read_bytes(), name
+    monkeypatch.delenv("RANK", raising=False)
+    capsys.readouterr()
+    check_data(recipe(out))
+    assert capsys.readouterr().err == ""
+    # a rerun keeps the complete shards, and the input is never the output
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert reshuffle.main(["--input", str(shards["sorted"]), "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == done
+    assert reshuffle.main(["--input", str(out), "--out", str(out)]) == 2
+    assert "write the reshuffled shards to a new directory" in capsys.readouterr().err

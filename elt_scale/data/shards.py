@@ -90,7 +90,12 @@ class ShardFile:
         members = [(SAMPLE_MEMBER, encode_npy(array)), (LABEL_MEMBER, str(int(label)).encode())]
         if source is not None:
             members.append(("key.txt", source.encode("utf-8", "backslashreplace")))
-        self._file.write(b"".join(tar_member(f"{key}.{ext}", payload) for ext, payload in members))
+        self.write_record(b"".join(tar_member(f"{key}.{ext}", payload) for ext, payload in members))
+
+    def write_record(self, records: bytes) -> None:
+        """One sample's tar records (headers + padded members), as built above or copied from another
+        shard byte for byte (data_prep/reshuffle.py)."""
+        self._file.write(records)
         self.count += 1
 
     def commit(self, sidecar: dict | None = None) -> None:
