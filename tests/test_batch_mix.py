@@ -1,6 +1,7 @@
 """Issue 26: tokenize.py writes items in a seeded random order, so shards hold most classes and the project's
 order gives batches as mixed as an i.i.d. draw; the manifest's per-shard class counts give that figure
 without reading data (elt_scale/data/mix.py, elt-plan), and training warns on a class-sorted shard set."""
+import csv
 import json
 import tarfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from elt_scale.data import check_data, make_loader
 from elt_scale.data.mix import expected_mix, iid_distinct, simulate_mix, spread_batches
 from elt_scale.data.order import Order
 from elt_scale.data.shards import decode_class_counts
+from elt_scale.data.synthetic import synthetic_manifest
 from elt_scale.plan import main as plan_main
 from tests.conftest import ROOT
 from tests.test_tokenize import read_samples, save_image
@@ -241,3 +243,30 @@ def test_reshuffle_turns_a_class_sorted_set_into_the_shuffled_one_without_encodi
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == done
     assert reshuffle.main(["--input", str(out), "--out", str(out)]) == 2
     assert "write the reshuffled shards to a new directory" in capsys.readouterr().err
+
+
+def test_readme_batch_mix_table_comes_from_docs_and_docs_are_current():
+    """docs/batch_mix.csv is bench/batch_mix.py's output: its cheap rows (class-sorted, UCF-101) recompute to
+    the same expected figures, and the README's table quotes every (G, m) row of it."""
+    rows = list(csv.DictReader((ROOT / "docs" / "batch_mix.csv").open()))
+    assert {(r["dataset"], r["layout"]) for r in rows} == {(d, h) for d in ("imagenet", "ucf101")
+                                                          for h in ("sorted", "shuffled")}
+    entries = {}
+    for row in rows:
+        if row["layout"] == "shuffled" and row["dataset"] == "imagenet":
+            continue                                        # a 1.28M-item Python shuffle: bench/batch_mix.py's job
+        key = f"{row['dataset']}-{row['layout']}"
+        entries.setdefault(key, synthetic_manifest(key)[0]["splits"]["train"])
+        e = entries[key]
+        mix = expected_mix(decode_class_counts(e["shard_class_counts"]), e["shard_sizes"], 0, int(row["G"]),
+                           int(row["m"]), int(row["buffer"]), sorted_within=row["layout"] == "sorted")
+        assert mix["global"] == pytest.approx(float(row["global"]), abs=1e-3), row
+        assert mix["micro"] == pytest.approx(float(row["micro"]), abs=1e-3), row
+    readme = (ROOT / "README.md").read_text()
+    by = {(r["dataset"], r["G"], r["m"], r["layout"]): r for r in rows}
+    for dataset, g, m, _ in {k for k in by if k[3] == "sorted"}:
+        s, h = by[dataset, g, m, "sorted"], by[dataset, g, m, "shuffled"]
+        cell = "{:.0f} / {:.1f}".format
+        line = (f"| {g} | {m} | {cell(float(s['global']), float(s['micro']))} | "
+                f"{cell(float(h['global']), float(h['micro']))} | {cell(float(s['global_iid']), float(s['micro_iid']))} |")
+        assert line in readme, line
