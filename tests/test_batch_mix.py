@@ -134,6 +134,18 @@ def test_rerun_after_a_rank_died_skips_its_finished_shards(tree, shards, tmp_pat
     assert manifest(out) == manifest(shards["shuffled"]) and len(read_samples(out)) == CLASSES * PER_CLASS
 
 
+def test_rerun_with_the_other_order_into_the_same_out_is_refused(tree, tmp_path):
+    out = tmp_path / "o"
+    rank0 = [*common(tree), "--rank", "0", "--world-size", "2", "--out", str(out)]
+    assert tok(*rank0) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    with pytest.raises(RuntimeError, match="--keep-source-order"):       # names the setting among others
+        tok(*rank0, "--keep-source-order")
+    with pytest.raises(RuntimeError, match="split_hash"):
+        tok(*rank0, "--seed", "1")
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+
+
 def test_project_order_on_shuffled_shards_is_as_mixed_as_an_iid_draw(shards):
     iid_global = iid_distinct(np.full(CLASSES, PER_CLASS), G)
     iid_micro = iid_distinct(np.full(CLASSES, PER_CLASS), MICRO)
