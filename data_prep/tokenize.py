@@ -120,9 +120,13 @@ def order_setting(args) -> dict:
     return {} if args.keep_source_order else {"item_order": "shuffled"}
 
 
-def item_order_entry(args) -> dict:
-    """What the manifest records about the write order (per split)."""
-    return {"shuffled": False} if args.keep_source_order else {"shuffled": True, "seed": args.seed}
+def item_order_entry(args, items) -> dict:
+    """What the manifest records about the write order (per split). `class_runs` (runs of equal labels in the
+    written list: about the class count for a class-sorted source, about the item count for digits) tells
+    elt_scale/data/mix.py whether a part of a shard holds a few whole classes or a sample of all of them."""
+    runs = 1 + sum(a.label != b.label for a, b in zip(items, items[1:]))
+    return {"shuffled": False, "class_runs": runs} if args.keep_source_order else \
+        {"shuffled": True, "seed": args.seed}
 
 
 def key_seed(key: str, seed: int) -> int:
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
                    "vocab_size": tok.vocab_size, "scaling_factor": tok.scaling_factor},
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
-        "splits": {args.split: split_entry(sidecars, len(source.class_names), item_order_entry(args))},
+        "splits": {args.split: split_entry(sidecars, len(source.class_names), item_order_entry(args, items))},
         "config_hash": settings_hash(args, SAMPLE_SETTINGS),
         "split_hash": split_hash, "rank": args.rank, "world_size": args.world_size,
         "skipped": listing_skipped + [s for _, side in sidecars for s in side["skipped"]],

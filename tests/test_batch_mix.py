@@ -12,7 +12,7 @@ import pytest
 from data_prep import tokenize
 from elt_scale.config import load_recipe
 from elt_scale.data import check_data, make_loader
-from elt_scale.data.mix import expected_mix, iid_distinct, simulate_mix, spread_batches
+from elt_scale.data.mix import expected_mix, iid_distinct, simulate_mix, sorted_within
 from elt_scale.data.order import Order
 from elt_scale.data.shards import decode_class_counts
 from elt_scale.data.synthetic import synthetic_manifest
@@ -76,7 +76,13 @@ def test_shuffled_shards_each_hold_most_classes_and_say_how_they_were_written(sh
             assert row.tolist() == np.bincount(lab, minlength=CLASSES).tolist()
         held = (counts > 0).sum(axis=1)
         assert least <= held.min() and held.max() <= most, (how, held)
-        assert entry["item_order"] == ({"shuffled": True, "seed": 0} if how == "shuffled" else {"shuffled": False})
+        assert entry["item_order"] == ({"shuffled": True, "seed": 0} if how == "shuffled"
+                                       else {"shuffled": False, "class_runs": CLASSES})
+        assert sorted_within(m, "train") == (how == "sorted")
+    # a source order that is not grouped by class (digits) counts parts of shards in proportion
+    digits = {"splits": {"train": {"item_order": {"shuffled": False, "class_runs": 1465},
+                                   "class_counts": {str(c): 160 for c in range(10)}}}}
+    assert not sorted_within(digits, "train")
     # the same items either way, each once
     a, b = read_samples(shards["shuffled"]), read_samples(shards["sorted"])
     assert sorted(a) == sorted(b) and len(a) == CLASSES * PER_CLASS

@@ -159,8 +159,14 @@ def shard_class_counts(manifest: dict, split: str, urls: list[str]) -> tuple[np.
 
 
 def sorted_within(manifest: dict, split: str) -> bool:
-    """Were the shards written in source order? Unrecorded means an older tokenize.py: source order."""
-    return not manifest["splits"][split].get("item_order", {}).get("shuffled", False)
+    """Do the shards run class by class? Written in source order by a class-grouped source (`class_runs`
+    about the class count; digits' source order is not grouped), or unrecorded: an older tokenize.py, whose
+    ImageNet, UCF-101 and folder sources were grouped by class."""
+    entry = manifest["splits"][split]
+    order = entry.get("item_order", {})
+    if order.get("shuffled", False):
+        return False
+    return order.get("class_runs", 0) <= 2 * max(1, len(entry.get("class_counts", {})))
 
 
 def order_note(manifest: dict, split: str) -> str:

@@ -52,7 +52,8 @@ def manifest_from_labels(labels: np.ndarray, num_classes: int, per_shard: int, s
              "shard_sizes": counts.sum(axis=1).tolist(),
              "shard_class_counts": [encode_class_counts(dict(enumerate(row.tolist())), num_classes) for row in counts],
              "class_counts": {str(c): int(n) for c, n in enumerate(counts.sum(axis=0)) if n},
-             "item_order": {"shuffled": True, "seed": seed} if shuffled else {"shuffled": False}}
+             "item_order": ({"shuffled": True, "seed": seed} if shuffled
+                            else {"shuffled": False, "class_runs": 1 + int((np.diff(labels) != 0).sum())})}
     return {"format": FORMAT, "synthetic": True, "num_classes": num_classes,
             "class_names": [str(c) for c in range(num_classes)], "splits": {split: entry}}
 
