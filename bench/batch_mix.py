@@ -51,7 +51,8 @@ def recipe_groups() -> dict:
             continue
         r = load_recipe(str(path), [])
         t = r.train
-        key = (dataset, t.global_batch or t.micro_batch * t.grad_accum, t.micro_batch, r.data.shuffle_buffer, r.run.seed)
+        g = t.global_batch or t.micro_batch * t.grad_accum
+        key = (dataset, g, t.micro_batch, r.data.shuffle_buffer, r.run.seed)
         groups.setdefault(key, []).append(path.stem)
     return groups
 

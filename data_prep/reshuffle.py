@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.shard_plan import finished, plan_shards, split_entry  # noqa: E402
-from elt_scale.data.shards import LABEL_MEMBER, MANIFEST, ShardFile, read_manifest, write_json, write_order  # noqa: E402
+from elt_scale.data.shards import (LABEL_MEMBER, MANIFEST, ShardFile, read_manifest, write_json,  # noqa: E402
+                                   write_order)
 
 
 def index_shard(path: Path) -> tuple[list[str], np.ndarray]:
