@@ -1,12 +1,18 @@
 """Splitting tokenization work over ranks, resuming it, and merging what the ranks wrote.
 
-Rank r of W takes the contiguous slice [r*n//W, (r+1)*n//W) of the sorted item list and cuts it into
-shards of `samples_per_shard` *input items* (an unreadable item leaves its shard one sample short,
-so shard boundaries never move). Shard indices are global: rank r starts after every shard of the
-ranks before it, so ranks never touch each other's files. Each finished shard has a sidecar
-`{shard}.json` with its counts; a rerun skips every shard whose file exists (it was renamed into
-place only when whole). A finished rank writes `manifest.{split}.rank{r:05d}.json`; `--merge` (or a
-world size of 1) folds those into manifest.json, split by split."""
+Items are written in a seeded random permutation of the full sorted item list (elt_scale/data/shards.py
+`write_order`; source order with --keep-source-order): sorted ImageNet/UCF-101 lists run class by class,
+and the loader mixes only a few consecutive shards per shuffle window, so class-sorted shards give batches
+of few classes (issue 26). The permutation is a pure function of (seed, number of items), so every rank of
+an array job computes the same list. Rank r of W takes the contiguous slice [r*n//W, (r+1)*n//W) of that
+list and cuts it into shards of `samples_per_shard` *input items* (an unreadable item leaves its shard one
+sample short, so shard boundaries never move). Shard indices are global: rank r starts after every shard
+of the ranks before it, so ranks never touch each other's files. Each finished shard has a sidecar
+`{shard}.json` with its counts; a rerun skips every shard whose file exists (it was renamed into place
+only when whole). A finished rank writes `manifest.{split}.rank{r:05d}.json`; `--merge` (or a world size
+of 1) folds those into manifest.json, split by split. A split's manifest entry records the write order
+(`item_order`) and every shard's class counts (`shard_class_counts`, aligned with `shards`), from which
+elt_scale/data/mix.py tells how mixed the training batches are without reading any data."""
 from __future__ import annotations
 
 import json
@@ -16,13 +22,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from elt_scale.data.shards import MANIFEST, read_manifest, shard_name, sidecar_path, write_json
+from elt_scale.data.shards import MANIFEST, encode_class_counts, read_manifest, shard_name, sidecar_path, write_json
 
 
 @dataclass
 class ShardPlan:
     index: int
-    start: int          # item range [start, end) in the full sorted list
+    start: int          # item range [start, end) in the full item list, in write order
     end: int
 
     def name(self, split: str) -> str:
@@ -65,8 +71,8 @@ def finished(out: Path, split: str, shard: ShardPlan, expect: dict) -> dict | No
     for k, v in expect.items():
         if side.get(k) != v:
             raise RuntimeError(f"{path} was written with {k}={side.get(k)!r}, this run has {v!r}: a different "
-                               "input list or settings (--world-size, --samples-per-shard, tokenizer ...). "
-                               "Use a fresh --out, or delete the old shards.")
+                               "input list or settings (--world-size, --samples-per-shard, --seed, "
+                               "--keep-source-order, tokenizer ...). Use a fresh --out, or delete the old shards.")
     if side.get("bytes") not in (None, path.stat().st_size):    # cut short after it was complete (disk, copy)
         print(f"elt-tokenize: {path} has {path.stat().st_size} bytes, its sidecar says {side['bytes']}: "
               "writing it again", file=sys.stderr)
@@ -78,7 +84,7 @@ def rank_manifest_path(out: Path, split: str, rank: int) -> Path:
     return out / f"manifest.{split}.rank{rank:05d}.json"
 
 
-def split_entry(sidecars: list[tuple[str, dict]]) -> dict:
+def split_entry(sidecars: list[tuple[str, dict]], num_classes: int, item_order: dict) -> dict:
     """The manifest's `splits[split]` from (shard name, sidecar) pairs in shard order."""
     counts: Counter = Counter()
     for _, side in sidecars:
@@ -87,17 +93,24 @@ def split_entry(sidecars: list[tuple[str, dict]]) -> dict:
     return {"num_samples": sum(s["num_samples"] for _, s in sidecars),
             "shards": [name for name, _ in full],
             "shard_sizes": [s["num_samples"] for _, s in full],
-            "class_counts": {str(k): v for k, v in sorted(counts.items())}}
+            "shard_class_counts": [encode_class_counts(s["class_counts"], num_classes) for _, s in full],
+            "class_counts": {str(k): v for k, v in sorted(counts.items())},
+            "item_order": item_order}
 
 
 def merge_entries(entries: list[dict]) -> dict:
     counts: Counter = Counter()
     for e in entries:
         counts.update({int(k): v for k, v in e["class_counts"].items()})
-    return {"num_samples": sum(e["num_samples"] for e in entries),
-            "shards": [s for e in entries for s in e["shards"]],
-            "shard_sizes": [n for e in entries for n in e["shard_sizes"]],
-            "class_counts": {str(k): v for k, v in sorted(counts.items())}}
+    merged = {"num_samples": sum(e["num_samples"] for e in entries),
+              "shards": [s for e in entries for s in e["shards"]],
+              "shard_sizes": [n for e in entries for n in e["shard_sizes"]],
+              "class_counts": {str(k): v for k, v in sorted(counts.items())}}
+    if all("shard_class_counts" in e for e in entries):     # rank manifests of an older version lack them
+        merged["shard_class_counts"] = [c for e in entries for c in e["shard_class_counts"]]
+    if "item_order" in entries[0]:                           # ranks agree: their split_hash covers it
+        merged["item_order"] = entries[0]["item_order"]
+    return merged
 
 
 def fold_into_manifest(out: Path, split: str, rank_manifests: list[dict]) -> dict:

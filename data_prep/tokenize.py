@@ -6,8 +6,11 @@
     python data_prep/tokenize.py --source ucf101 --input /data/UCF-101 --split train --split-id 1 \\
         --resolution 128 --frames 16 --tokenizer vq --tokenizer-path /models/vq --out /data/shards/ucf
 
-Work splits over ranks: rank R of --world-size W (defaults: Slurm array task id minus the array's
-first id, and the task count) takes its slice of the sorted input list, writes its own shard range
+Items are written in a seeded random permutation of the sorted input list (--seed; --keep-source-order
+writes them class by class, as older versions did), so every shard holds most classes and the loader's
+batches mix classes like an i.i.d. draw (README, Data). Work splits over ranks: rank R of --world-size W
+(defaults: Slurm array task id minus the array's first id, and the task count) takes its slice of that
+list (the same permutation on every rank), writes its own shard range
 and manifest.{split}.rankRRRRR.json; `--merge --out DIR` then joins them into manifest.json (with
 W = 1 that happens at once). A rerun skips shards already complete. Inputs that cannot be read are
 listed with the reason in the manifest's `skipped`; the run still exits 0.
@@ -33,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.shard_plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
-                            rank_manifest_path, split_entry)
+                                  rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
-from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json  # noqa: E402
+from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json, write_order  # noqa: E402
 from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
 
 # settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)
@@ -84,9 +87,14 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="cuda | cpu | auto")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="model compute precision; auto = bf16 on GPUs that support it, else fp32")
-    g.add_argument("--seed", type=int, default=0, help="for --latent-sample noise")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the order items are written in (a permutation of all items) and --latent-sample noise")
     g = p.add_argument_group("work")
     g.add_argument("--samples-per-shard", type=int, default=256, help="input items per shard (1000+ for ImageNet)")
+    g.add_argument("--keep-source-order", action="store_true",
+                   help="write items in sorted source order (ImageNet folder by folder, UCF-101 class by class) "
+                        "instead of a seeded random order; each shard then holds one or two classes and batches "
+                        "mix far fewer classes than an i.i.d. draw")
     g.add_argument("--batch-size", type=int, default=64, help="tokenizer batch")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes decoding inputs (0 = in the main process)")
@@ -106,9 +114,24 @@ def parse_args(argv=None):
     return args
 
 
-def settings_hash(args, names) -> str:
-    keep = {k: getattr(args, k) for k in names}
+def settings_hash(args, names, extra: dict | None = None) -> str:
+    keep = {k: getattr(args, k) for k in names} | (extra or {})
     return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:16]
+
+
+def order_setting(args) -> dict:
+    """The write order, for the split hash. Source order adds nothing, so it hashes as runs of versions before
+    the shuffle did and such a run can be completed with --keep-source-order; the seed is hashed already."""
+    return {} if args.keep_source_order else {"item_order": "shuffled"}
+
+
+def item_order_entry(args, items) -> dict:
+    """What the manifest records about the write order (per split). `class_runs` (runs of equal labels in the
+    written list: about the class count for a class-sorted source, about the item count for digits) tells
+    elt_scale/data/mix.py whether a part of a shard holds a few whole classes or a sample of all of them."""
+    runs = 1 + sum(a.label != b.label for a, b in zip(items, items[1:]))
+    return {"shuffled": False, "class_runs": runs} if args.keep_source_order else \
+        {"shuffled": True, "seed": args.seed}
 
 
 def key_seed(key: str, seed: int) -> int:
@@ -212,7 +235,9 @@ def main(argv=None) -> int:
         start = time.time()
         source = SOURCES[args.source](**vars(args))
         items = add_flips(source.items) if args.flip else source.items
-        assign_keys(items)
+        assign_keys(items)                         # from the sorted list: keys do not depend on the order
+        if not args.keep_source_order:             # after add_flips: a flip copy lands apart from its original
+            items = [items[i] for i in write_order(len(items), args.seed)]
         source.items = items
         if not items:
             raise ValueError(f"no inputs for {args.source}/{args.split} under {args.input}"
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
         check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
         tok, shape = build(args, source)
         shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
-        split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS)
+        split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS, order_setting(args))
 
         def expect(s):
             return {"split_hash": split_hash, "items": s.end - s.start, "first_key": items[s.start].key}
@@ -241,7 +266,7 @@ def main(argv=None) -> int:
                    "vocab_size": tok.vocab_size, "scaling_factor": tok.scaling_factor},
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
-        "splits": {args.split: split_entry(sidecars)},
+        "splits": {args.split: split_entry(sidecars, len(source.class_names), item_order_entry(args, items))},
         "config_hash": settings_hash(args, SAMPLE_SETTINGS),
         "split_hash": split_hash, "rank": args.rank, "world_size": args.world_size,
         "skipped": listing_skipped + [s for _, side in sidecars for s in side["skipped"]],

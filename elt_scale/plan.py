@@ -4,7 +4,10 @@
 
 Prints unique and effective parameters, FLOPs per sample at each loop count, the per-GPU memory for
 every ZeRO stage × activation-checkpointing policy at the recipe's micro-batch, the largest micro-batch
-that fits, and the GPU-hours of the recipe's steps at the given MFU. `--json` prints the same as JSON.
+that fits, the GPU-hours of the recipe's steps at the given MFU, and how many distinct classes a global
+batch and a micro-batch hold against an i.i.d. draw (elt_scale/data/mix.py, from the manifest's per-shard
+class counts: `--manifest`, default the recipe's shards when their manifest.json is on this machine).
+`--json` prints the same as JSON.
 
 The memory model (bytes per GPU, Ψ = unique parameters, W = data-parallel ranks):
 
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RecipeError, load_recipe
+from .data.mix import format_plan_mix, plan_mix
 from .models import build_model, param_counts
 from .models.flops import forward_flops, sequence_length, train_flops_per_sample
 
@@ -257,6 +261,9 @@ def parse_args(argv=None):
                         "fp32: everything fp32 (default: bf16)")
     p.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of GPU memory kept free for CUDA context, NCCL and fragmentation")
+    p.add_argument("--manifest", default=None,
+                   help="shards (directory, URL or manifest.json) or synthetic:{imagenet,ucf101}-{shuffled,sorted} "
+                        "for the batch class mix (default: the recipe's data.shards, when on this machine)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p.parse_args(argv)
 
@@ -269,10 +276,11 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         plan = make_plan(recipe, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.precision, args.headroom)
-    except (RecipeError, ValueError) as e:
+        plan["batch_mix"] = plan_mix(recipe, args.manifest, plan["global_batch"], plan["micro_batch"])
+    except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"elt-plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + "\n\n" + format_plan_mix(plan["batch_mix"]))
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tokenize a dataset as a Slurm array: task i encodes slice i of the sorted inputs on its GPU, then a
+# Tokenize a dataset as a Slurm array: task i encodes slice i of the (shuffled) inputs on its GPU, then a
 # merge job (afterok on the whole array) joins the per-rank manifests into manifest.json.
 #
 #   sbatch --array=0-15 slurm/tokenize.sh --source imagenet --input /data/imagenet/train \

@@ -122,7 +122,8 @@ def ucf(tmp_path_factory):
 def test_imagenet_train_messy_inputs(imagenet, tmp_path):
     root, truth = imagenet
     out = tmp_path / "shards"
-    assert tok("--source", "imagenet", "--input", str(root / "train"), "--resolution", "16",
+    # --keep-source-order: the shard sizes below place the unreadable input in the last shard (issue 26)
+    assert tok("--source", "imagenet", "--input", str(root / "train"), "--resolution", "16", "--keep-source-order",
                "--pixel-mode", "identity", "--samples-per-shard", "5", "--out", str(out)) == 0
     m = json.loads((out / "manifest.json").read_text())
     samples = read_samples(out)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .mix import check_mix
 from .order import Order
 from .webds import ShardError, decode_sample, load_manifest, shard_samples, shard_urls
 
@@ -224,22 +225,30 @@ class Loader:
         return self._pending.popleft()
 
 
-def check_data(recipe) -> tuple[dict, list[str]]:
-    """The recipe's shards exist, fit its model and list its split -> (manifest, shard URLs or paths)."""
+def open_data(recipe) -> tuple[dict, list[str], list[int]]:
+    """The recipe's shards exist, fit its model and list its split -> (manifest, shard URLs or paths, sizes)."""
     d = recipe.data
     try:
         manifest = load_manifest(d.shards, d.allow_pipe)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data.shards={d.shards}: {e}") from None
     check_manifest(manifest, recipe, d.shards)
-    return manifest, shard_urls(d.shards, d.split, manifest)[0]
+    urls, sizes = shard_urls(d.shards, d.split, manifest)
+    return manifest, urls, sizes
+
+
+def check_data(recipe) -> tuple[dict, list[str]]:
+    """The trainer's start-up check: `open_data`, and (rank 0, once) a warning naming the figure when the
+    batches would mix far fewer classes than an i.i.d. draw (mix.py) -> (manifest, shard URLs or paths)."""
+    manifest, urls, sizes = open_data(recipe)
+    check_mix(recipe, manifest, urls, sizes)
+    return manifest, urls
 
 
 def make_loader(recipe, rank: int = 0, world: int = 1, position: int = 0) -> Loader:
     """Rank `rank`'s loader, at global batch `position`."""
     d, t = recipe.data, recipe.train
-    manifest, _ = check_data(recipe)
-    urls, sizes = shard_urls(d.shards, d.split, manifest)
+    manifest, urls, sizes = open_data(recipe)
     order = Order(tuple(sizes), recipe.run.seed, t.micro_batch * t.grad_accum * world, t.micro_batch,
                   d.shuffle_buffer)
     streams = list(range(rank * t.grad_accum, (rank + 1) * t.grad_accum))
