@@ -39,6 +39,7 @@ from data_prep.shard_plan import (finished, fold_into_manifest, merge_ranks, pla
                                   rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
 from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json, write_order  # noqa: E402
+from elt_scale.seeding import derive_seed  # noqa: E402
 from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
 
 # settings that decide what a sample holds (config_hash, shared by all splits of one shard directory)
@@ -135,7 +136,7 @@ def item_order_entry(args, items) -> dict:
 
 
 def key_seed(key: str, seed: int) -> int:
-    return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:15], 16)
+    return derive_seed(seed, "key", key)
 
 
 class Decoded(Dataset):

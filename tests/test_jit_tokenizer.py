@@ -14,8 +14,8 @@ from PIL import Image
 
 from data_prep import tokenize
 from data_prep.decode import VideoDecoder
-from elt_scale.data import check_manifest
 from elt_scale.config import load_recipe
+from elt_scale.data import check_manifest
 from elt_scale.tokenizers import build_tokenizer, tokenizer_from_manifest
 from tests.conftest import ROOT, read_metrics, run_train
 from tests.test_eval import TinyI3D, scripted

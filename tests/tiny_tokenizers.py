@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from tests.test_tokenize import save_image, write_avi
 
-
 # ---------------------------------------------------------------------------------------------
 # a discrete video tokenizer in the Cosmos DV convention, as TorchScript
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..seeding import derive_seed
+
 MANIFEST = "manifest.json"
 FORMAT = "elt-scale-shards/1"
 SAMPLE_MEMBER = "input.npy"
@@ -193,11 +195,10 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> None:
 
 def write_order(n: int, seed: int) -> list[int]:
     """The order data_prep/tokenize.py writes a split's n sorted items in: a permutation drawn from (seed, n)
-    only, so every rank of an array job, a rerun and --merge agree (a str seed goes through sha512: no
-    PYTHONHASHSEED dependence). Sorted lists run class by class; written as they are, each shard holds one
+    only, so every rank of an array job, a rerun and --merge agree. Sorted lists run class by class; written as they are, each shard holds one
     or two classes and the loader's windows mix only a few (issue 26)."""
     order = list(range(n))
-    random.Random(f"{seed}/items").shuffle(order)
+    random.Random(derive_seed(seed, "items")).shuffle(order)
     return order
 
 
