@@ -145,6 +145,19 @@ def as_float(x) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
+def step_facts(result: StepResult, started: Started, grad_norm, guard) -> dict:
+    return {"lambda": result.lam, "l_int": result.l_int, "lr": started.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm, "skipped_steps": guard.skipped}
+
+
+def save(started: Started, recipe, done: int, loader, result: StepResult, guard) -> None:
+    """Collective: the train state as of step `done`, then every rank's checkpoint files."""
+    s = started.state
+    s.step, s.data_position, s.ilsd_lambda = done, loader.position, result.lam
+    s.skipped_steps, s.bad_streak = guard.skipped, guard.streak
+    ckpt.save(started.engine, recipe.run_dir / "ckpt", s, started.ema, recipe.train.keep_last)
+
+
 def prepare_run_dir(recipe, started: Started, world: int, ds_config: dict, manifest: dict) -> dict:
     """Rank 0: the run directory with what sampling needs later from any working directory (recipe.yaml and
     the tokenizer that decodes samples), run_info.json; folders of saves that never completed pruned."""
@@ -206,18 +219,15 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
             break
         if done % t.log_every == 0 or done == t.steps or preempted:          # the same on every rank
             means = global_mean(result.sums, world * t.grad_accum)
-            reporter.log({"step": done, **means, "lambda": result.lam, "l_int": result.l_int,
-                          "lr": started.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "skipped_steps": guard.skipped, **meter.read(), "world_size": world})
+            reporter.log({"step": done, **means, **step_facts(result, started, grad_norm, guard), **meter.read(),
+                          "world_size": world})
         reporter.tick()
         if not preempted:                        # a preempted job saves and leaves: no sampling first
             with watchdog.paused():              # sampling is not a slow step
                 live.after_step(done, started.engine, started.ema, reporter)
         if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
-            state.step, state.data_position, state.ilsd_lambda = done, loader.position, result.lam
-            state.skipped_steps, state.bad_streak = guard.skipped, guard.streak
             with watchdog.paused():              # long and legitimate: not a stalled step
-                ckpt.save(started.engine, recipe.run_dir / "ckpt", state, started.ema, t.keep_last)
+                save(started, recipe, done, loader, result, guard)
         if preempted:
             reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
                          f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", error=True)

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from elt_scale.dist import free_port  # noqa: E402  (the checkout's package, after the path insert)
+from elt_scale.engine import checkpoint as ckpt  # noqa: E402
+from tests.slurm_cluster import LocalSlurm, missing_slurm  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -52,3 +55,38 @@ def run_train(recipe: str, *overrides: str, nprocs: int = 1, timeout: int = 600,
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def copy_checkpoint(src_run, dst_run, step):
+    """A run directory whose only checkpoint is src_run's at `step` (as if the job had stopped there)."""
+    tag = ckpt.tag_for(step)
+    (dst_run / "ckpt").mkdir(parents=True)
+    shutil.copytree(src_run / "ckpt" / tag, dst_run / "ckpt" / tag)
+    ckpt.write_pointer(dst_run / "ckpt", tag)
+    (dst_run / "metrics.jsonl").write_text("".join(l + "\n" for l in (src_run / "metrics.jsonl").read_text()
+                                                   .splitlines()[:step]))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if missing_slurm():                       # the only reason to skip: Slurm cannot be installed here
+        pytest.skip(missing_slurm())
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+@pytest.fixture
+def job_env(tmp_path):
+    """The env file the scripts source (this venv) and a log folder outside the checkout."""
+    env_file = tmp_path / "env.sh"
+    venv_bin = Path(sys.prefix) / "bin"
+    env_file.write_text(f"source {venv_bin / 'activate'}\nexport GLOO_SOCKET_IFNAME=lo\n")
+    # Jobs inherit our environment: take the venv off PATH so that only the env file can provide it.
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
+    return {"ELT_ENV_FILE": str(env_file), "ELT_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "disabled",
+            "PATH": path, "VIRTUAL_ENV": ""}

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from elt_scale.dist import free_ports
 
+ROOT = Path(__file__).resolve().parent.parent
+
 NODES = ("n1", "n2")
 HOSTS_LINE = "127.0.0.1 n1 n2  # elt-scale local Slurm test cluster"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
@@ -237,3 +239,29 @@ class LocalSlurm:
                 raise RuntimeError(f"{', '.join(dead)} died while waiting for {what}\n{self.logs()}")
             time.sleep(every)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+
+
+TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.save_every=0", "train.warmup_steps=2")
+
+
+CPU_JOB = ("--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
+
+
+def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train", dry_run=False):
+    out = tmp_path / "batch-%j.out"
+    job_env = dict(job_env, ELT_DRY_RUN="1" if dry_run else "0")
+    job = cluster.sbatch("slurm/train_large.sh", str(ROOT / "recipes" / "digits_masked.yaml"), *TINY, *overrides,
+                         sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}"], env=job_env, cwd=ROOT)
+    return job, Path(str(out).replace("%j", str(job)))
+
+
+def node_logs(job_env, name, job) -> dict[str, str]:
+    d = Path(job_env["ELT_LOG_DIR"]) / f"{name}-{job}"
+    return {p.stem: p.read_text(errors="replace") for p in sorted(d.glob("*.log"))}
+
+
+def explain(cluster, batch_log: Path, job_env, name, job) -> str:
+    logs = node_logs(job_env, name, job)
+    text = batch_log.read_text() if batch_log.exists() else "(no batch log)"
+    return "\n".join([f"== batch\n{text[-3000:]}", *(f"== {n}\n{t[-3000:]}" for n, t in logs.items()),
+                      cluster.logs()])

@@ -18,7 +18,7 @@ from elt_scale.data.shards import decode_class_counts
 from elt_scale.data.synthetic import synthetic_manifest
 from elt_scale.plan import main as plan_main
 from tests.conftest import ROOT
-from tests.test_tokenize import read_samples, save_image
+from tests.datasets import read_samples, save_image
 
 CLASSES, PER_CLASS, PER_SHARD = 12, 24, 24         # the tree: 12 classes x 24 images, shards of 24
 G, MICRO, BUFFER = 48, 8, 24                       # the recipe: one shard per shuffle window

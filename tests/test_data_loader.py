@@ -1,28 +1,12 @@
 """The shard loader: exact resume, corrupt shards skipped or fatal, manifest/recipe checks."""
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.data import ShardError, make_loader
-from elt_scale.data.shards import FORMAT, ShardWriter, write_manifest
-
-
-def write_shards(out, n=300, per_shard=50, shape=(8, 8)):
-    """Digits-like codes shards whose sample i holds the value i, so batches are easy to compare."""
-    with ShardWriter(out, "train", per_shard) as w:
-        for i in range(n):
-            w.write(f"s{i:05d}", np.full(shape, i, np.int16), i % 10, f"src{i}")   # value i: traceable
-    write_manifest(out, {"format": FORMAT, "tokenizer": {"name": "pixels", "mode": "quantized", "levels": 17},
-                         "sample": {"kind": "codes", "shape": list(shape), "dtype": "int16", "vocab_size": 17,
-                                    "scaling_factor": 1.0},
-                         "num_classes": 10, "class_names": [str(i) for i in range(10)],
-                         "splits": {"train": {"num_samples": n, "shards": w.written, "class_counts": {},
-                                              "shard_sizes": [min(per_shard, n - i) for i in range(0, n, per_shard)]}},
-                         "config_hash": "test", "skipped": []})
-    return out
+from tests.datasets import write_shards
 
 
 def recipe(shards, *overrides):

@@ -13,7 +13,7 @@ import torch
 from elt_scale.config import load_recipe
 from elt_scale.data import make_loader
 from tests.conftest import read_metrics, run_train
-from tests.test_data_loader import write_shards
+from tests.datasets import write_shards
 
 N, PER_SHARD, MICRO = 320, 50, 16       # 10 global batches of 32 per epoch; the last shard is short
 
@@ -47,6 +47,18 @@ def test_global_batches_are_the_same_for_every_layout_and_each_epoch_sees_every_
         assert sorted(seen) == list(range(N))                                  # each sample once per epoch
     assert reference[:10] != reference[10:]                                   # reshuffled between epochs
     assert reference[0] != sorted(reference[0])                               # shuffled within a window
+
+
+def test_the_loader_delivers_what_the_order_says(tmp_path):
+    """Order.micro_batch_samples is the contract: (shard, index) of every sample of micro-batch j of batch b,
+    from arithmetic on the manifest alone. The loader's micro-batches are exactly those samples, in order."""
+    from elt_scale.data import Order
+    shards = write_shards(tmp_path / "s", n=N, per_shard=PER_SHARD)
+    order = Order(tuple(min(PER_SHARD, N - i) for i in range(0, N, PER_SHARD)), 0, 2 * MICRO, MICRO, 20)
+    batches, _ = global_batches(shards, 2, 1, 15)                     # into the second epoch
+    for b, delivered in enumerate(batches):
+        promised = [shard * PER_SHARD + i for j in range(2) for shard, i in order.micro_batch_samples(b, j)]
+        assert delivered == promised, b
 
 
 def test_each_of_two_ranks_reads_about_half_of_the_bytes(tmp_path):

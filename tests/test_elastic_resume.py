@@ -19,8 +19,7 @@ import torch
 from elt_scale.dist import free_port
 from elt_scale.engine import checkpoint as ckpt
 from elt_scale.engine import universal
-from tests.conftest import ROOT
-from tests.test_engine import copy_checkpoint, ok
+from tests.conftest import ROOT, copy_checkpoint, ok
 
 pytestmark = pytest.mark.multiproc
 

@@ -5,7 +5,6 @@ Runs are tiny (width 32, micro-batch 8, 4 steps) and shared between tests throug
 one straight 4-step run per ZeRO stage with a checkpoint after every step is the reference."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ from elt_scale.engine.preemption import PREEMPT_EXIT_CODE
 from elt_scale.inference.weights import consolidated_ema as consolidate
 from elt_scale.inference.weights import consolidated_weights
 from elt_scale.models import build_model
-from tests.conftest import ROOT, read_metrics, run_train, train_cmd
+from tests.conftest import ROOT, copy_checkpoint, ok, read_metrics, run_train, train_cmd
 
 pytestmark = pytest.mark.multiproc
 
@@ -33,11 +32,6 @@ LOSS_KEYS = ("loss", "loss_teacher", "loss_student", "loss_distill", "l_int", "l
 
 def args(shards, out, name, *more):
     return (f"data.shards={shards}", f"run.out_dir={out}", f"run.name={name}", *TINY, *more)
-
-
-def ok(r):
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +90,6 @@ def assert_same_state(run_a, run_b, step):
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
     ea, eb = (consolidate(r / "ckpt" / ckpt.tag_for(step)) for r in (run_a, run_b))
     assert all(torch.equal(ea[n], eb[n]) for n in ea)
-
-
-def copy_checkpoint(src_run, dst_run, step):
-    """A run directory whose only checkpoint is src_run's at `step` (as if the job had stopped there)."""
-    tag = ckpt.tag_for(step)
-    (dst_run / "ckpt").mkdir(parents=True)
-    shutil.copytree(src_run / "ckpt" / tag, dst_run / "ckpt" / tag)
-    ckpt.write_pointer(dst_run / "ckpt", tag)
-    (dst_run / "metrics.jsonl").write_text("".join(l + "\n" for l in (src_run / "metrics.jsonl").read_text()
-                                                   .splitlines()[:step]))
 
 
 def test_exact_resume_zero3(straight, tmp_path, digits_shards):

@@ -21,6 +21,7 @@ from elt_scale.inference.scoring import Scorer
 from elt_scale.metrics import MissingWeightsError, frechet_distance, fvd, inception_score, load_i3d, load_inception
 from elt_scale.metrics.digits import digits_metrics, load_classifier, real_digits, real_digits_uint8
 from tests.conftest import ROOT, run_train
+from tests.tiny_models import TinyI3D, scripted
 
 # ---------------------------------------------------------------------------------------------
 # tiny stand-ins for Inception and I3D, saved as TorchScript and loaded through the real code path
@@ -34,21 +35,6 @@ class TinyInception(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
         h = torch.relu(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
         return h if return_features else self.fc(h).softmax(-1)
-
-
-class TinyI3D(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = True, return_features: bool = True):
-        return torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
-
-
-def scripted(module: nn.Module, path) -> str:
-    torch.manual_seed(0)
-    torch.jit.script(module).save(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from elt_scale.ilsd import draw_l_int, ilsd_lambda, ilsd_loss
 from elt_scale.models import build_model
 from elt_scale.objectives import build_objective
 from elt_scale.objectives.noise import logsnr
-from tests.test_models import inputs, perturb, tiny
+from tests.tiny_models import inputs, perturb, tiny
 
 
 def hand_masked(student, teacher, target, mask, lam):

@@ -18,8 +18,8 @@ from elt_scale.config import load_recipe
 from elt_scale.data import check_manifest
 from elt_scale.tokenizers import build_tokenizer, tokenizer_from_manifest
 from tests.conftest import ROOT, read_metrics, run_train
-from tests.test_eval import TinyI3D, scripted
-from tests.test_tokenize import read_samples
+from tests.datasets import read_samples
+from tests.tiny_models import TinyI3D, scripted
 from tests.tiny_tokenizers import make_ucf_tree, write_jit_tokenizer
 
 LEVELS = (40, 40, 40)            # 64,000 codes, Cosmos DV's vocabulary size: codes are stored as int32

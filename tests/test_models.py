@@ -1,35 +1,9 @@
 import pytest
 import torch
 
-from elt_scale.config import load_recipe
 from elt_scale.models import build_model, count_params
 from elt_scale.models.trunk import LoopedTrunk
-from tests.conftest import ROOT
-
-
-def tiny(family="masked", grid=(4, 4), **kw):
-    o = [f"model.family={family}", "model.width=32", "model.heads=2", "model.unique_layers=2", "model.loops=3",
-         f"model.grid={list(grid)}", "model.vocab_size=9", "model.num_classes=5", "model.channels=2",
-         "model.patch_size=2" if family == "diffusion" else "model.patch_size=1"]
-    o += [f"{k}={v}" for k, v in kw.items()]
-    return load_recipe(ROOT / "recipes" / "digits_masked.yaml", o)
-
-
-def perturb(model):
-    """adaLN-Zero makes a fresh diffusion model output zeros; give every matrix random weights."""
-    for p in model.parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
-def inputs(model, r, b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, r.model.num_classes, (b,), generator=g)
-    if r.model.family == "masked":
-        return (torch.randint(0, r.model.vocab_size + 1, (b, *r.model.grid), generator=g), labels)
-    x = torch.randn(b, r.model.channels, *r.model.grid, generator=g)
-    return (x, torch.rand(b, generator=g), labels)
+from tests.tiny_models import inputs, perturb, tiny
 
 
 @pytest.mark.parametrize("family", ["masked", "diffusion"])

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 PAPER = sorted(p for p in RECIPES if not p.name.startswith("digits_"))
 
-# unique parameters the paper reports (DESIGN.md), in millions
+# unique parameters the paper (arXiv 2604.09168) reports for each model, in millions
 PAPER_PARAMS = {
     "imagenet256_masked_elt_l_8x3": 101,
     "imagenet256_masked_elt_l_12x2": 152,

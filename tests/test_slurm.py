@@ -5,7 +5,6 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,55 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, read_metrics
-from tests.slurm_cluster import LocalSlurm, missing_slurm
+from tests.slurm_cluster import explain, node_logs, submit_train
 
 pytestmark = pytest.mark.slurm
 
 # A tiny masked model: 2 ranks on 2 nodes must finish quickly on 2 shared cores.
-TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.save_every=0", "train.warmup_steps=2")
-CPU_JOB = ("--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if missing_slurm():                       # the only reason to skip: Slurm cannot be installed here
-        pytest.skip(missing_slurm())
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as c:
-        yield c
-
-
-@pytest.fixture
-def job_env(tmp_path):
-    """The env file the scripts source (this venv) and a log folder outside the checkout."""
-    env_file = tmp_path / "env.sh"
-    venv_bin = Path(sys.prefix) / "bin"
-    env_file.write_text(f"source {venv_bin / 'activate'}\nexport GLOO_SOCKET_IFNAME=lo\n")
-    # Jobs inherit our environment: take the venv off PATH so that only the env file can provide it.
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
-    return {"ELT_ENV_FILE": str(env_file), "ELT_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "disabled",
-            "PATH": path, "VIRTUAL_ENV": ""}
-
-
-def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train", dry_run=False):
-    out = tmp_path / "batch-%j.out"
-    job_env = dict(job_env, ELT_DRY_RUN="1" if dry_run else "0")
-    job = cluster.sbatch("slurm/train_large.sh", str(ROOT / "recipes" / "digits_masked.yaml"), *TINY, *overrides,
-                         sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}"], env=job_env, cwd=ROOT)
-    return job, Path(str(out).replace("%j", str(job)))
-
-
-def node_logs(job_env, name, job) -> dict[str, str]:
-    d = Path(job_env["ELT_LOG_DIR"]) / f"{name}-{job}"
-    return {p.stem: p.read_text(errors="replace") for p in sorted(d.glob("*.log"))}
-
-
-def explain(cluster, batch_log: Path, job_env, name, job) -> str:
-    logs = node_logs(job_env, name, job)
-    text = batch_log.read_text() if batch_log.exists() else "(no batch log)"
-    return "\n".join([f"== batch\n{text[-3000:]}", *(f"== {n}\n{t[-3000:]}" for n, t in logs.items()),
-                      cluster.logs()])
-
-
 def test_cluster_runs_a_job_on_both_nodes(cluster, tmp_path):
     script = tmp_path / "hosts.sh"
     script.write_text('#!/bin/bash\nscontrol show hostnames "$SLURM_JOB_NODELIST"\n'

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import read_metrics
-from tests.test_slurm import cluster, explain, job_env, node_logs, submit_train  # noqa: F401 (fixtures)
+from tests.slurm_cluster import explain, node_logs, submit_train
 
 pytestmark = pytest.mark.slurm
 TIMEOUT_S = 30        # train.collective_timeout_s in the stall test: small, yet far above a loaded step

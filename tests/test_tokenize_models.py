@@ -10,7 +10,7 @@ import torch
 
 from data_prep import tokenize
 from elt_scale.tokenizers import tokenizer_from_manifest
-from tests.test_tokenize import make_ucf, read_samples, save_image
+from tests.datasets import make_ucf, read_samples, save_image
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tests.test_tokenize import save_image, write_avi
+from tests.datasets import save_image, write_avi
 
 # ---------------------------------------------------------------------------------------------
 # a discrete video tokenizer in the Cosmos DV convention, as TorchScript
