@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	@# DeepSpeed JIT-compiles its CPU ops on first use (~1-2 min): here, not at a newcomer's first step 0
+	$(PY) -c "from elt_scale.engine.ds_internals import build_cpu_ops; build_cpu_ops()"
 	touch $@
 
 demo: setup

@@ -15,7 +15,6 @@ rewritten unless --split names one. Memory: ~20 bytes per sample (an index, not 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.shard_plan import finished, plan_shards, split_entry  # noqa: E402
+from elt_scale.cli import ArgumentParser  # noqa: E402
 from elt_scale.data.shards import (LABEL_MEMBER, MANIFEST, ShardFile, read_manifest, write_json,  # noqa: E402
                                    write_order)
 
@@ -127,7 +127,7 @@ def write_shard(out, split, plan, order, keys, table, shard_of, records, expect)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--input", required=True, help="shard directory with manifest.json (local)")
     p.add_argument("--out", required=True, help="new directory for the reshuffled shards")
     p.add_argument("--split", default=None, help="only this split (default: every split of the manifest)")

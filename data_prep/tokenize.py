@@ -25,7 +25,6 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.join(_ROOT, "data_prep")]
 
-import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -38,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 from data_prep.shard_plan import (finished, fold_into_manifest, merge_ranks, plan_shards, rank_from_env,  # noqa: E402
                                   rank_manifest_path, split_entry)
 from data_prep.sources import SOURCES, add_flips, assign_keys  # noqa: E402
+from elt_scale.cli import ArgumentParser  # noqa: E402
 from elt_scale.data.shards import FORMAT, MANIFEST, ShardFile, read_manifest, write_json, write_order  # noqa: E402
 from elt_scale.seeding import derive_seed  # noqa: E402
 from elt_scale.tokenizers import REGISTRY, build_tokenizer  # noqa: E402
@@ -51,7 +51,7 @@ SPLIT_SETTINGS = ("split", "input", "labels", "split_id", "annotations", "world_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--source", choices=sorted(SOURCES), help="dataset reader (see data_prep/sources.py)")
     p.add_argument("--input", default=None, help="dataset root (not needed for digits)")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")

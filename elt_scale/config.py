@@ -109,7 +109,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: Literal["disabled", "offline", "online"] = "offline"   # WANDB_MODE env overrides
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"  # opt in; WANDB_MODE env overrides
     wandb_project: str = "elt-scale"
     peak_tflops: float = 0.0          # per device, for MFU; 0 = not reported
 
@@ -200,6 +200,15 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def unknown_key(key: str, where: str, allowed: list[str]) -> str:
+    """'unknown key train.stpes in train (did you mean train.steps?); allowed: ...'."""
+    import difflib
+    section, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(str(name), allowed, n=1)
+    hint = f" (did you mean {section + '.' if section else ''}{near[0]}?)" if near else ""
+    return f"unknown key {key} in {where}{hint}; allowed: {', '.join(allowed)}"
+
+
 def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
@@ -207,9 +216,7 @@ def _build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        where = prefix or "recipe"
-        raise RecipeError(f"unknown key {prefix + unknown[0] if prefix else unknown[0]!s} in {where}; "
-                          f"allowed: {', '.join(sorted(fields))}")
+        raise RecipeError(unknown_key(f"{prefix}{unknown[0]}", prefix.rstrip(".") or "the recipe", sorted(fields)))
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")

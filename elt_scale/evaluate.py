@@ -11,10 +11,10 @@ pass and loop actually run, CFG counted twice) and wall time, and writes anytime
 digit models and FID (needs --inception-weights and --reference) otherwise."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from .cli import ArgumentParser
 from .inference.anytime import CSV_NAME, PLOT_NAME, anytime_sweep
 from .inference.outputs import load_npz
 from .inference.scoring import Scorer
@@ -34,8 +34,7 @@ def _samples_cmd(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="elt-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="elt-eval", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("digits", "digits classifier: class consistency + FD-digits"),
                            ("fid", "FID (and --is) with local Inception weights"),

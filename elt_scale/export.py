@@ -9,15 +9,14 @@ weights. DeepSpeed checkpoints themselves are pickles and are trusted-only: they
 own directory or an explicit train.resume=PATH."""
 from __future__ import annotations
 
-import argparse
 import sys
 
+from .cli import ArgumentParser
 from .inference.load import export_run
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="elt-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="elt-export", description=__doc__)
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml and ckpt/)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (needs train.ema_decay > 0)")

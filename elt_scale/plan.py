@@ -33,7 +33,6 @@ GPU), and transient buffers of the optimizer step and of ZeRO's communication bu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cli import ArgumentParser
 from .config import RecipeError, load_recipe
 from .data.mix import format_plan_mix, plan_mix
 from .models import build_model, param_counts
@@ -248,8 +248,7 @@ def format_plan(plan: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="elt-plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="elt-plan", description=__doc__)
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch=64")
     p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (nodes × GPUs per node)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import ArgumentParser
 from .dist import init_from_env
 from .inference.load import load
 from .inference.outputs import save_grid, save_npz
@@ -30,8 +31,7 @@ from .sampling import SAMPLERS, parse_loop_list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="elt-sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="elt-sample", description=__doc__)
     p.add_argument("model", help="run directory (latest checkpoint), elt-export .safetensors file or saved folder")
     p.add_argument("--loops", default=None, help="comma-separated loop specs, e.g. 1,2,4 or 1-6 or 6>2,auto:0.02 "
                                                  "(default: the trained L_max)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .cli import ArgumentParser
 from .config import RecipeError, load_recipe, save_recipe
 from .data import check_data, make_loader
 from .engine import checkpoint as ckpt
@@ -41,8 +42,7 @@ USER_ERRORS = (RecipeError, FileNotFoundError, ValueError, ds_internals.DeepSpee
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="elt-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="elt-train", description=__doc__)
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 deepspeed.zero_stage=3")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers

@@ -8,12 +8,12 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "elt_scale"
 LAYERS = [   # lowest first; a module may import its own layer and the ones below
-    {"config", "seeding", "dist", "loopspec"},
+    {"config", "seeding", "dist", "loopspec", "cli"},
     {"data", "models", "objectives", "ilsd", "tokenizers", "metrics"},
     {"sampling"},
     {"inference"},
     {"engine"},
-    {"train", "sample", "evaluate", "export", "api", "plan", "demo", "reproduce", "__init__"},
+    {"train", "sample", "evaluate", "export", "api", "plan", "demo", "reproduce", "study", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

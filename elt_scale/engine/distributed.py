@@ -1,12 +1,14 @@
 """Process-group set-up that works with a launcher (deepspeed, torchrun, srun) and without one."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from datetime import timedelta
 
 import torch
 
-from ..dist import backend, local_device, single_process_env
+from ..dist import backend, local_device, quiet_deepspeed, single_process_env
 
 
 def default_group_timeout(timeout: timedelta) -> None:
@@ -36,6 +38,7 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
     hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
     aborts the communicator and the process on a timeout rather than leaving a stuck kernel behind."""
+    quiet_deepspeed()
     import deepspeed
 
     single_process_env()
@@ -47,5 +50,6 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     if store := elastic_attempt_store(timeout):       # DeepSpeed adopts an initialised default group
         torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]),
                                              world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend(), timeout=timeout)
+    with contextlib.redirect_stdout(io.StringIO()):      # DeepSpeed prints "... built successfully" each start
+        deepspeed.init_distributed(dist_backend=backend(), timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -9,9 +9,12 @@ Fragments: each rank owns a contiguous piece (start, values) of every flattened 
 - stage 0 (replicated fp32 weights, no master copy): a contiguous 1/world slice of each parameter."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+
+from ..dist import quiet_deepspeed
 
 TESTED = ((0, 19, 8), (0, 20, 0))       # [low, high): the versions these internals were read in
 TESTED_TEXT = ">=0.19.8,<0.20"           # as pyproject.toml declares it
@@ -43,6 +46,7 @@ def check(version: str | None = None) -> None:
     is in the tested range and has every attribute used here."""
     import importlib
 
+    quiet_deepspeed()
     import deepspeed
     version = version or deepspeed.__version__
     need = f"elt-scale needs deepspeed{TESTED_TEXT} (pip install 'deepspeed{TESTED_TEXT}')"
@@ -54,6 +58,21 @@ def check(version: str | None = None) -> None:
             obj = getattr(obj, name, None)
         if obj is None:
             raise DeepSpeedMismatch(f"DeepSpeed {version} has no {module}.{attr}; {need}")
+
+
+def build_cpu_ops() -> None:
+    """JIT-build (or load from the torch extensions cache) the ops DeepSpeed compiles on a CPU machine: the
+    shared-memory collectives and the CPU/fused Adam kernels, ~1-2 minutes once; `make setup` calls this so
+    that the first training run does not sit at step 0 while a compiler runs."""
+    quiet_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder", "FusedAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            start = time.perf_counter()
+            builder.load(verbose=False)
+            print(f"DeepSpeed op {builder.NAME}: ready in {time.perf_counter() - start:.0f} s "
+                  f"(built once, then loaded from ~/.cache/torch_extensions)", flush=True)
 
 
 # --- parameters under ZeRO ---------------------------------------------------------------------------

@@ -127,13 +127,20 @@ class Reporter:
     method does nothing, so the trainer calls them without asking which rank it is."""
 
     def __init__(self, recipe, rank: int, start_step: int, wandb_id: str):
-        self.on = rank == 0
-        self.metrics = self.wandb = self.bar = None
+        self.on, self.recipe, self.start_step = rank == 0, recipe, start_step
+        self.metrics = self.wandb = self._bar = None
         if self.on:
-            from tqdm import tqdm
             self.metrics = MetricsLog(recipe.run_dir, resume_step=start_step)
             self.wandb = init_wandb(recipe, wandb_id)
-            self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.run.name, unit="step")
+
+    @property
+    def bar(self):
+        """Created at the first step, so that the start-up lines come before it."""
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.recipe.train.steps, initial=self.start_step, desc=self.recipe.run.name,
+                             unit="step")
+        return self._bar
 
     def say(self, text: str, error: bool = False) -> None:
         if self.on:
@@ -166,7 +173,8 @@ class Reporter:
 
     def close(self) -> None:
         if self.on:
-            self.bar.close()
+            if self._bar is not None:
+                self._bar.close()
             self.metrics.close()
             if self.wandb:
                 self.wandb.finish()

@@ -53,6 +53,8 @@ def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint folder of any ZeRO stage and world size (trusted input: unpickles)."""
     folder = Path(folder)
     if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        from ..dist import quiet_deepspeed
+        quiet_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)

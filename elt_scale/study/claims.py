@@ -1,0 +1,70 @@
+"""Claims as checks: each claim the README makes about a study is a named comparison over the seeds, read
+from the result rows. `better`: A beats B on the metric for every seed (paired by seed), by at least `tol`
+relative; `within`: A is within `tol` (relative) of B for every seed. A claim that fails is reported as
+failing: the README quotes the verdicts, never just the claims that held.
+
+A model is picked as (family, model, L) with L an int or "max" (the model's training loop count)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOWER_IS_BETTER = {"val_loss": True, "fd_digits": True, "class_acc": False, "gflops_per_sample": True}
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    text: str                 # the sentence the README prints with the verdict
+    kind: str                 # "better" | "within"
+    metric: str
+    a: tuple                  # (family, model, L)
+    b: tuple
+    tol: float = 0.0
+    quick: bool = False       # also carried by the quick settings the tests run
+
+
+def pick(rows: list[dict], family: str, model: str, L) -> dict[int, float]:
+    """seed -> the metric rows of one model at one loop count ("max": its training loop count)."""
+    mine = [r for r in rows if r["family"] == family and r["model"] == model]
+    if L == "max":
+        L = mine[0]["trained_L"] if mine else None
+    return {int(r["seed"]): r for r in mine if int(r["L"]) == L}
+
+
+def paired(rows: list[dict], claim: Claim) -> list[tuple[int, float, float]]:
+    a, b = pick(rows, *claim.a), pick(rows, *claim.b)
+    return [(s, float(a[s][claim.metric]), float(b[s][claim.metric])) for s in sorted(set(a) & set(b))]
+
+
+def holds(claim: Claim, a: float, b: float) -> bool:
+    if claim.kind == "within":
+        return abs(a - b) <= claim.tol * abs(b)
+    sign = 1 if LOWER_IS_BETTER[claim.metric] else -1
+    return sign * (b - a) > claim.tol * abs(b)
+
+
+def evaluate(claims: list[Claim], rows: list[dict]) -> list[dict]:
+    """{name, text, holds, evidence, quick} per claim; a claim with no paired seeds does not hold."""
+    out = []
+    for c in claims:
+        pairs = paired(rows, c)
+        ok = bool(pairs) and all(holds(c, a, b) for _, a, b in pairs)
+        evidence = "; ".join(f"seed {s}: {a:.4g} vs {b:.4g}" for s, a, b in pairs) or "no seeds to compare"
+        out.append({"name": c.name, "text": c.text, "holds": ok, "evidence": evidence, "quick": c.quick})
+    return out
+
+
+def separation(rows: list[dict], metric: str, a: tuple, b: tuple) -> dict:
+    """Whether two models differ on a metric beyond the seed spread: their [min, max] ranges do not overlap."""
+    va = [float(r[metric]) for r in pick(rows, *a).values()]
+    vb = [float(r[metric]) for r in pick(rows, *b).values()]
+    if not va or not vb:
+        return {"metric": metric, "separated": False, "a": [], "b": []}
+    apart = max(va) < min(vb) or max(vb) < min(va)
+    return {"metric": metric, "separated": apart, "a": [min(va), max(va)], "b": [min(vb), max(vb)]}
+
+
+def report(verdicts: list[dict]) -> str:
+    """PASS/FAIL lines, as printed at the end of a run and written beside the tables."""
+    return "\n".join(f"- **{'PASS' if v['holds'] else 'FAIL'}** `{v['name']}`: {v['text']} ({v['evidence']})"
+                     for v in verdicts)
