@@ -96,7 +96,7 @@ def test_precomputed_mu_sigma_are_used_and_fid_sfid_is_match_closed_forms(incept
 def test_reference_without_statistics_falls_back_to_arr_0(inception, tmp_path):
     samples, arr_0 = noise(80, 3), noise(70, 4, high=200)
     ref = tmp_path / "images_only.npz"
-    np.savez(ref, arr_0=arr_0)
+    np.savez_compressed(ref, arr_0=arr_0)                  # compressed: read front to back, not memory-mapped
     got = Scorer(str(ref), inception, device="cpu").adm(samples)
     (pool, spatial, _), (rpool, rspatial, _) = own_features(inception, samples), own_features(inception, arr_0)
     assert got["reference_stats"] == "from arr_0"
