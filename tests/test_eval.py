@@ -1,6 +1,7 @@
 """elt-sample and elt-eval: ADM .npz layout, FID/IS/FVD with tiny local feature networks, missing
 weights fail fast without downloads, the digits classifier, multi-process sampling, the any-time sweep."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from elt_scale import evaluate, sample
 from elt_scale.dist import free_port
@@ -18,24 +18,13 @@ from elt_scale.inference.outputs import save_grid
 from elt_scale.inference.reference import load_reference
 from elt_scale.inference.samples import SampleSet, merge_sets, to_uint8
 from elt_scale.inference.scoring import Scorer
-from elt_scale.metrics import MissingWeightsError, frechet_distance, fvd, inception_score, load_i3d, load_inception
+from elt_scale.metrics import MissingWeightsError, fvd, load_i3d
 from elt_scale.metrics.digits import digits_metrics, load_classifier, real_digits, real_digits_uint8
 from tests.conftest import ROOT, run_train
-from tests.tiny_models import TinyI3D, scripted
+from tests.tiny_models import TinyI3D, TinyInception, scripted
 
 # ---------------------------------------------------------------------------------------------
 # tiny stand-ins for Inception and I3D, saved as TorchScript and loaded through the real code path
-
-class TinyInception(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
-        h = torch.relu(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
-        return h if return_features else self.fc(h).softmax(-1)
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
@@ -51,15 +40,14 @@ def noise_images(n, shape=(8, 8), seed=0):
 # metrics
 
 def test_fid_of_a_set_with_itself_is_zero_and_against_noise_large(weights):
-    real = real_digits_uint8()[:400]
-    features = load_inception(weights["inception"], "features")
-    self_fid = frechet_distance(real, real, features)
-    other_half = frechet_distance(real[:200], real_digits_uint8()[400:600], features)
-    noise_fid = frechet_distance(noise_images(400), real, features)
-    assert abs(self_fid) < 1e-3
-    assert noise_fid > 20 * max(other_half, 1e-3) and noise_fid > 0.1
-    mean, _ = inception_score(real, load_inception(weights["inception"], "logits"), splits=2)
-    assert 1.0 <= mean <= 10.0
+    real = real_digits_uint8()[:300]
+    scorer = Scorer(real, weights["inception"], device="cpu")
+    same = scorer(real, None, "fid")
+    assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+    other_digits = scorer(real_digits_uint8()[300:600], None, "fid")
+    noise = scorer(noise_images(300), None, "fid")
+    assert noise["fid"] > 20 * other_digits["fid"] > 0 and noise["precision"] < other_digits["precision"]
+    assert 1.0 <= same["is"] <= 10.0
 
 
 def test_fvd_on_16_frame_clips(weights):
@@ -180,6 +168,24 @@ def test_anytime_sweep_writes_csv_and_plot(trained_run, tmp_path):
     assert 1.0 <= float(rows[2]["loops_per_step"]) <= 6.0              # auto: at most L_max + 2
     from PIL import Image
     assert Image.open(out / "anytime.png").size[0] > 500
+
+
+def test_anytime_fid_rows_are_elt_eval_fid_of_the_same_samples(trained_run, digits_shards, weights, tmp_path,
+                                                               monkeypatch, capsys):
+    """One code path (Scorer): the sweep's ADM columns equal elt-eval fid on the same samples from elt-sample."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))      # the shard reference's statistics cache
+    same = ["--loops", "2", "--num", "24", "--steps", "4", "--seed", "3", "--batch-size", "8"]
+    assert evaluate.main(["anytime", str(trained_run), *same, "--metric", "fid", "--reference", str(digits_shards),
+                          "--inception-weights", weights["inception"], "--out", str(tmp_path / "anytime")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "anytime" / "anytime.csv")))
+    assert sample.main([str(trained_run), *same, "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["fid", str(tmp_path / "s" / "samples_L2.npz"), "--reference", str(digits_shards),
+                          "--inception-weights", weights["inception"]]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["num_samples"] == 24
+    for k in ("is", "fid", "sfid", "precision", "recall"):
+        assert float(row[k]) == pytest.approx(record[k], abs=1e-6), k
 
 
 def test_video_samples_become_channels_last_and_a_gif_grid(tmp_path):

@@ -59,6 +59,28 @@ def test_two_ranks_zero3_write_the_same_files_as_one(tmp_path, digits_shards):
     assert metric(one) == metric(two)
 
 
+def test_fid_rows_are_adm_suite_through_the_scorer(tmp_path, digits_shards):
+    """With eval.reference and eval.inception_weights the rows carry ADM's suite, from the Scorer elt-eval uses."""
+    from elt_scale.inference.reference import default_cache_dir, reference_key
+    from elt_scale.metrics import file_sha256
+    from tests.tiny_models import TinyInception, scripted
+    weights = scripted(TinyInception(), tmp_path / "inception-tiny.pt")
+    # the shard reference's statistics land in the user's cache (XDG_CACHE_HOME would move DeepSpeed's op
+    # builds too): this test's own file is removed afterwards
+    cached = default_cache_dir() / f"{reference_key(digits_shards, file_sha256(weights), 50_000)}.npz"
+    try:
+        # 11 classes: not the digits model, so its images are scored by the suite, not the digits classifier
+        run = train(tmp_path, digits_shards, "fid", "train.steps=2", "eval.every=2", "eval.loops=2",
+                    "model.num_classes=11", f"eval.reference={digits_shards}", f"eval.inception_weights={weights}")
+        assert cached.is_file()
+    finally:
+        cached.unlink(missing_ok=True)
+    rows = [r for r in read_metrics(run) if "eval_L" in r]
+    assert len(rows) == 1 and "class_acc" not in rows[0]
+    assert {"is", "fid", "sfid", "precision", "recall"} <= set(rows[0])
+    assert rows[0]["fid"] > 0 and 0 <= rows[0]["precision"] <= 1 and 0 <= rows[0]["recall"] <= 1
+
+
 @pytest.mark.parametrize("override,key", [("eval.every=-1", "eval.every"), ("eval.num=0", "eval.num"),
                                           ("eval.cfg=-0.5", "eval.cfg"), ("eval.classes=[3,10]", "eval.classes"),
                                           ("eval.loops=0", "eval.loops"), ("eval.loops=4-1", "eval.loops"),

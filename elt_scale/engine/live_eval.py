@@ -3,9 +3,9 @@ count in `eval.loops` (the any-time picture of one model, as it trains) and writ
 
     runs/NAME/samples/step_XXXXXXX/grid_L{l}.png     (grid_L{l}.gif for video)
 
-plus one metrics.jsonl row per L (`eval_L`, the digits metrics on digits or FID when eval.reference
-and eval.inception_weights are set, `eval_s` = wall time of the whole evaluation), and the grids and
-metrics to wandb. Sampling, gathering and scoring are elt_scale.inference's, as for elt-sample/elt-eval.
+plus one metrics.jsonl row per L (`eval_L`, the digits metrics on digits or ADM's suite - is, fid, sfid,
+precision, recall - when eval.reference and eval.inception_weights are set, `eval_s` = wall time of the
+whole evaluation), and the grids and metrics to wandb. Sampling, gathering and scoring are elt_scale.inference's, as for elt-sample/elt-eval.
 
 The weights are the EMA when the run keeps one, else the fp32 master weights. Each rank owns disjoint
 fragments of them (ds_internals.fp32_fragment), so one all-reduce of a zero-filled flat buffer gives every
@@ -100,7 +100,8 @@ class LiveEval:
         reporter.say(f"eval at step {step}: {len(rows)} loop counts in {eval_s:.1f}s -> {folder}")
 
     def _score(self, s: SampleSet) -> dict[str, float]:
-        """Digits metrics for 8×8 digit models, FID with a configured reference, else nothing."""
+        """Digits metrics for 8×8 digit models, ADM's suite with a configured reference (scored here, on rank 0
+        alone: the Scorer's world is 1), else nothing."""
         if is_digits(s.images, self.recipe.model.num_classes):
             return self.scorer(s.images, s.labels, "digits")
         if self.cfg.reference and s.images.ndim == 4:

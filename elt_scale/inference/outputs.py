@@ -1,10 +1,13 @@
 """What sampling writes and evaluation reads: ADM-layout .npz files (arr_0 uint8 N×H×W×3 or N×T×H×W×3,
-arr_1 labels) and PNG grids (animated GIF grids for video)."""
+arr_1 labels), read whole or lazily (50,000 ImageNet samples are 9.8 GB), and PNG grids (animated GIF
+grids for video)."""
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,6 +34,62 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         if "arr_0" not in f:
             raise ValueError(f"{path}: no arr_0 (expected an ADM-style .npz with uint8 N×H×W×3 images)")
         return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
+
+
+class NpzStream:
+    """A compressed member of an .npz (np.savez_compressed), read front to back a batch at a time."""
+
+    def __init__(self, path: Path, member: str, shape: tuple, dtype: np.dtype):
+        self.path, self.member, self.shape, self.dtype = path, member, shape, dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int, keep: Callable[[int], bool]) -> Iterator[tuple[int, np.ndarray]]:
+        """(b, rows b·batch_size …) for the batches b that `keep` wants; the others are read and dropped."""
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
+            _npy_header(f)
+            for b, start in enumerate(range(0, len(self), batch_size)):
+                n = min(batch_size, len(self) - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise ValueError(f"{self.path}: {self.member} ends after {start} of {len(self)} rows")
+                if keep(b):
+                    yield b, np.frombuffer(data, self.dtype).reshape(n, *self.shape[1:])
+
+
+def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def open_npz_images(path: str | Path, member: str = "arr_0") -> np.ndarray | NpzStream:
+    """arr_0 of an .npz without reading it: a read-only memory map of the file when the member is stored
+    uncompressed (np.savez, what elt-sample and ADM write), else an NpzStream."""
+    path, name = Path(path), f"{member}.npy"
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(name)
+            with z.open(info) as f:
+                shape, fortran, dtype = _npy_header(f)
+                header_len = f.tell()
+    except (zipfile.BadZipFile, IsADirectoryError, FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}); expected an ADM-style .npz "
+                         "(arr_0 uint8 N×H×W×3 images, arr_1 labels) such as elt-sample writes") from None
+    except KeyError:
+        raise ValueError(f"{path}: no {member} (expected an ADM-style .npz with uint8 N×H×W×3 images)") from None
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{path}: {member} is {'Fortran-ordered' if fortran else 'an object array'}; expected "
+                         "a C-ordered uint8 array as np.savez writes")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return NpzStream(path, name, shape, dtype)
+    with open(path, "rb") as raw:                      # the member's data start: after its local header
+        raw.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", raw.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    return np.memmap(path, dtype, "r", offset=offset, shape=shape)
 
 
 def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: int = 64) -> Path:

@@ -1,6 +1,11 @@
-"""Scoring sample sets: the digits classifier for 8×8 digit models, FID (and IS) with a local Inception,
-FVD with a local I3D. A `Scorer` keeps what does not change between sample sets (the feature networks,
-the reference images): `elt-eval`, the any-time sweep and the in-training evaluation all score through it."""
+"""Scoring sample sets: the digits classifier for 8×8 digit models, ADM's suite (IS, FID, sFID, precision,
+recall) with a local Inception, FVD with a local I3D. A `Scorer` keeps what does not change between sample
+sets (the feature networks, the reference statistics): `elt-eval`, the any-time sweep and the in-training
+evaluation all score through it, so they give the same numbers for the same images.
+
+'fid' is ADM's whole suite (elt_scale/metrics/adm.py) on features extracted streaming
+(elt_scale/inference/features.py); with world > 1 it is a collective (every rank calls it with the same
+images and takes its share of the batches; rank 0 gets the numbers, the others {})."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("digits", "fid", "fvd")
-LOWER_IS_BETTER = {"fd_digits": True, "class_acc": False, "fid": True, "is": False, "fvd": True}
+LOWER_IS_BETTER = {"fd_digits": True, "class_acc": False, "fid": True, "sfid": True, "is": False,
+                   "precision": False, "recall": False, "fvd": True}
+PAPER_SAMPLES = 50_000      # ADM's protocol: FID of 50,000 samples
 
 
 def is_digits(images: np.ndarray, num_classes: int) -> bool:
@@ -27,56 +34,92 @@ def choose_metric(metric: str, images: np.ndarray, num_classes: int) -> str:
 
 
 class Scorer:
-    """scorer(images, labels, metric) -> {name: value}. `reference` (an ADM .npz or a shards dir) and the
-    weights files are needed for fid/fvd only, and loaded once, at first use."""
+    """scorer(images, labels, metric) -> {name: value}. `reference` (an ADM .npz, a shards dir or an array)
+    and the weights files are needed for fid/fvd only, and loaded once, at first use. `reference_limit`:
+    images of a shard reference; `cache_dir`: where a shard reference's statistics are kept (default
+    $XDG_CACHE_HOME/elt-scale/reference)."""
 
     def __init__(self, reference: str | Path | np.ndarray | None = None, inception_weights=None, i3d_weights=None,
-                 inception_score: bool = False, reference_limit: int = 50_000):
+                 reference_limit: int = 50_000, rank: int = 0, world: int = 1, device=None, batch_size: int = 64,
+                 pr_distances: str = "float16", cache_dir=None):
+        from ..dist import local_device
         self.reference, self.reference_limit = reference, reference_limit
-        self.inception_weights, self.i3d_weights, self.inception_score = inception_weights, i3d_weights, inception_score
+        self.inception_weights, self.i3d_weights = inception_weights, i3d_weights
+        self.rank, self.world, self.device = rank, world, device or local_device()
+        self.batch_size, self.pr_distances, self.cache_dir = batch_size, pr_distances, cache_dir
         self._cache: dict = {}
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray | None, metric: str) -> dict[str, float]:
+    def __call__(self, images, labels: np.ndarray | None, metric: str) -> dict[str, float]:
         if metric == "digits":
             if labels is None:
                 raise ValueError("class consistency needs the samples' labels (arr_1)")
             return self._get("digits", self._digits)(images, labels)
         if metric == "fid":
-            from ..metrics import frechet_distance, inception_score
-            out = {"fid": frechet_distance(images, self._reference(), self._get("inception", self._inception))}
-            if self.inception_score:
-                out["is"] = inception_score(images, self._get("logits", self._logits))[0]
-            return out
+            record = self.adm(images)
+            return {k: record[k] for k in ("is", "fid", "sfid", "precision", "recall")
+                    if record and record[k] is not None}
         if metric == "fvd":
             from ..metrics import fvd
-            return {"fvd": fvd(images, self._reference(), self._get("i3d", self._i3d))}
+            return {"fvd": fvd(images, self._reference_images(), self._get("i3d", self._i3d))}
         raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+
+    def adm(self, images) -> dict | None:
+        """ADM's suite with its provenance (rank 0; None on the others): {'is', 'fid', 'sfid', 'precision',
+        'recall', 'num_samples', 'reference', 'reference_stats', 'reference_pr_images',
+        'inception_weights', 'inception_sha256'}. `images`: uint8 (N, H, W, 3), a memory map or NpzStream."""
+        from ..metrics import adm_metrics
+        from .features import array_batches, extract_features
+
+        if getattr(images, "ndim", len(getattr(images, "shape", ()))) != 4:
+            raise ValueError(f"FID/IS/sFID/precision/recall are for images (N, H, W, 3), got shape "
+                             f"{tuple(images.shape)}; videos are scored with fvd")
+        net, sha = self._inception()
+        reference = self._adm_reference()
+        features = extract_features(array_batches(images, self.batch_size), net, self.device, self.rank,
+                                    self.world, len(images), "sample features")
+        if self.rank != 0:
+            return None
+        values = adm_metrics(features, reference.stats, net.logit_weight, distances=self.pr_distances,
+                             device=self.device)
+        pr_images = None if reference.stats.pool is None else len(reference.stats.pool)
+        return {**values, "num_samples": len(features.pool), "reference": reference.where,
+                "reference_stats": reference.kind, "reference_pr_images": pr_images,
+                "inception_weights": str(self.inception_weights), "inception_sha256": sha}
 
     def _get(self, key: str, make):
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
 
-    def _reference(self) -> np.ndarray:
+    def _require_reference(self):
         if self.reference is None:
-            raise ValueError("fid/fvd need reference images: pass --reference REF.npz or a shards dir")
-        if isinstance(self.reference, np.ndarray):
+            raise ValueError("fid/fvd need a reference: pass --reference REF.npz (ADM reference batch) or a shards dir")
+        return self.reference
+
+    def _adm_reference(self):
+        from .reference import adm_reference
+        net, sha = self._inception()
+        return self._get("adm_reference", lambda: adm_reference(
+            self._require_reference(), net, sha, self.device, self.rank, self.world, self.reference_limit,
+            self.batch_size, self.cache_dir))
+
+    def _reference_images(self) -> np.ndarray:
+        if isinstance(self._require_reference(), np.ndarray):
             return self.reference
         from .reference import load_reference
         return self._get("reference", lambda: load_reference(self.reference, self.reference_limit))
+
+    def _inception(self):
+        def make():
+            from ..metrics import file_sha256, load_inception
+            net = load_inception(self.inception_weights).to(self.device)
+            return net, file_sha256(self.inception_weights)
+        return self._get("inception", make)
 
     @staticmethod
     def _digits():
         from ..metrics.digits import DigitsScorer
         return DigitsScorer()
-
-    def _inception(self):
-        from ..metrics import load_inception
-        return load_inception(self.inception_weights, "features")
-
-    def _logits(self):
-        from ..metrics import load_inception
-        return load_inception(self.inception_weights, "logits")
 
     def _i3d(self):
         from ..metrics import load_i3d

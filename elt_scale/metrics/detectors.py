@@ -1,8 +1,8 @@
 """Feature networks for FID/IS/FVD, loaded from local files only: elt-eval never downloads weights.
 
-Inception (FID, IS), either of the two standard files:
-  * NVIDIA's TorchScript `inception-2015-12-05.pt` (StyleGAN2-ADA/3 metrics): called on uint8 NCHW,
-    `return_features=True` -> 2048-d pool features, `no_output_bias=True` -> class probabilities;
+Inception (IS, FID, sFID, precision/recall), either of the two ports of the TF FID graph
+(elt_scale/metrics/inception.py says what is read from each):
+  * NVIDIA's TorchScript `inception-2015-12-05.pt` (StyleGAN2-ADA/3 metrics), run block by block;
   * torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` state dict, through torchmetrics'
     NoTrainInceptionV3 (needs `pip install torch-fidelity`, which pulls torchvision).
 I3D (FVD, the StyleGAN-V protocol): the TorchScript `i3d_torchscript.pt`, called on float videos
@@ -43,45 +43,25 @@ def _torchscript(path: Path) -> nn.Module | None:
         return None
 
 
-class ScriptedInception(nn.Module):
-    """TorchScript Inception -> 'features' (B, 2048) or 'logits' (B, 1008); uint8 NCHW input."""
+def load_inception(path) -> nn.Module:
+    """Local Inception weights -> module mapping uint8 (B, 3, H, W) to (pool (B, 2048), spatial (B, 2023)),
+    with `.logit_weight` for the Inception Score (elt_scale/metrics/inception.py)."""
+    from .inception import FidelityInception, ScriptedInception
 
-    def __init__(self, net: nn.Module, output: str):
-        super().__init__()
-        self.net, self.output = net, output
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.output == "features":
-            return self.net(images, return_features=True).float()
-        probs = self.net(images, no_output_bias=True).float()
-        return probs.clamp_min(1e-12).log()            # torchmetrics' IS applies softmax to logits
-
-
-class FidelityInception(nn.Module):
-    """torch-fidelity's Inception state dict through torchmetrics (same network as TF FID)."""
-
-    def __init__(self, path: Path, output: str):
-        super().__init__()
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            key = "2048" if output == "features" else "logits_unbiased"
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[key],
-                                          feature_extractor_weights_path=str(path))
-        except ModuleNotFoundError as e:
-            raise ModuleNotFoundError(f"{path} is a torch-fidelity state dict; reading it needs torch-fidelity "
-                                      f"(pip install 'elt-scale[eval]'), or use the TorchScript "
-                                      f"inception-2015-12-05.pt instead ({e})") from None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).float()                 # already (B, features) or (B, logits)
-
-
-def load_inception(path, output: str = "features") -> nn.Module:
-    """Local Inception weights -> module mapping uint8 (B, 3, H, W) to features or logits."""
     path = _local_file(path, "FID/IS", INCEPTION_HELP)
     scripted = _torchscript(path)
-    module = ScriptedInception(scripted, output) if scripted is not None else FidelityInception(path, output)
-    return module.eval()
+    module = ScriptedInception(scripted, path) if scripted is not None else FidelityInception.from_file(path)
+    return module.eval().requires_grad_(False)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a weights file (reported with every FID, and part of cache keys)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ScriptedI3D(nn.Module):

@@ -1,9 +1,7 @@
-"""FID, Inception Score and FVD through torchmetrics, with any feature network (Inception, I3D, the
-digits classifier, a tiny test network). Images are uint8 (N, H, W, 3) as in ADM .npz files; videos
-uint8 (N, T, H, W, 3)."""
+"""Fréchet distances through torchmetrics with any feature network: FVD (I3D), FD-digits (the digits
+classifier), tiny test networks. Images are uint8 (N, H, W, 3) as in ADM .npz files; videos uint8
+(N, T, H, W, 3). ImageNet's IS/FID/sFID/precision/recall follow ADM's evaluator instead (adm.py)."""
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import torch
@@ -43,18 +41,6 @@ def frechet_distance(samples, reference, features: nn.Module, batch: int = 100,
         _feed(metric, real, batch, "reference features", real=True)
         _feed(metric, fake, batch, "sample features", real=False)
         return float(metric.compute())
-
-
-def inception_score(samples, logits_net: nn.Module, splits: int = 10, batch: int = 100) -> tuple[float, float]:
-    from torchmetrics.image.inception import InceptionScore
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)       # "saves all features in a buffer": expected
-        metric = InceptionScore(feature=logits_net, splits=splits)
-    with torch.no_grad():
-        _feed(metric, to_nchw(samples), batch, "inception logits")
-        mean, std = metric.compute()
-    return float(mean), float(std)
 
 
 def video_clips(videos: np.ndarray, clip: int = FVD_CLIP) -> np.ndarray:
