@@ -264,7 +264,8 @@ def loop(recipe, started: Started, loader, reporter, preempt, manifest: dict, ra
     objective = build_objective(recipe)
     meter, live = Throughput(recipe, world), LiveEval(recipe, rank, world, manifest["tokenizer"])
     guard = NumericsGuard(t.max_bad_steps, started.state.skipped_steps, started.state.bad_streak)
-    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank)
+    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank,
+                            excused=lambda: loader.in_outage)      # an outage has its own bound (exit 69)
     try:
         for step in range(started.state.step, t.steps):
             done = step + 1

@@ -209,6 +209,12 @@ class Loader:
     bad_samples = property(lambda self: self.dataset.bad_samples)
     bytes_read = property(lambda self: self.dataset.bytes_read)
 
+    @property
+    def in_outage(self) -> bool:
+        """A read of this rank (any worker) is waiting out a storage outage right now: a logged wait bounded
+        by data.io_retry_s, which the step watchdog does not count as a stall."""
+        return self.dataset.io_stats.in_outage
+
     def counters(self) -> dict:
         """What this rank's reading cost since the process started (all workers): for metrics.jsonl."""
         s = self.dataset.io_stats

@@ -84,14 +84,21 @@ def io_policy(data_config) -> IoPolicy:
 
 
 class IoStats:
-    """Bytes read, retries and seconds slept before retries, shared with DataLoader workers (fork)."""
+    """Bytes read, retries, seconds slept before retries, and reads in an outage right now; shared with
+    DataLoader workers (fork), so the main process (metrics, the step watchdog) sees theirs."""
 
     def __init__(self):
         self._bytes, self._retries, self._wait = mp.Value("q", 0), mp.Value("l", 0), mp.Value("d", 0.0)
+        self._outages = mp.Value("l", 0)
 
     bytes_read = property(lambda self: self._bytes.value)
     retries = property(lambda self: self._retries.value)
     wait_s = property(lambda self: self._wait.value)
+    in_outage = property(lambda self: self._outages.value > 0)
+
+    def outage(self, delta: int) -> None:
+        with self._outages.get_lock():
+            self._outages.value += delta
 
     def add_bytes(self, n: int) -> None:
         with self._bytes.get_lock():
@@ -224,11 +231,21 @@ class Outage:
     def __init__(self, url: str, io: IoPolicy, stats: IoStats | None):
         self.url, self.io, self.stats = url, io, stats
         self.start, self.attempt, self.rng = time.monotonic(), 0, random.Random()
+        self.ongoing = stats is not None
+        if self.ongoing:
+            stats.outage(+1)
+
+    def over(self) -> None:
+        """The source delivered again (or the reader gave up or was closed): no longer in an outage."""
+        if self.ongoing:
+            self.ongoing = False
+            self.stats.outage(-1)
 
     def wait(self, error: TransientError) -> None:
         spent = time.monotonic() - self.start
         left = self.io.retry_s - spent
         if left <= 0:
+            self.over()
             raise StorageUnavailable(f"storage unavailable: {self.url}: {error.cause} (retried {self.attempt} "
                                      f"time(s) over {spent:.0f} s, data.io_retry_s={self.io.retry_s:g})")
         self.attempt += 1

@@ -135,17 +135,23 @@ def shard_samples(url: str, start: int = 0, io: IoPolicy | None = None, stats: I
     StorageUnavailable). Only delivering a new sample counts as progress (resets the budget's clock)."""
     io = io or IoPolicy()
     done, outage = start, None
-    while True:
-        try:
-            with contextlib.closing(read_shard(url, io.timeout_s, stats)) as samples:
-                for i, sample in enumerate(samples):
-                    if i >= done:
-                        done, outage = done + 1, None
-                        yield sample
-            return
-        except TransientError as e:
-            outage = outage or Outage(url, io, stats)
-            outage.wait(e)
+    try:
+        while True:
+            try:
+                with contextlib.closing(read_shard(url, io.timeout_s, stats)) as samples:
+                    for i, sample in enumerate(samples):
+                        if i >= done:
+                            done += 1
+                            if outage is not None:
+                                outage = outage.over()
+                            yield sample
+                return
+            except TransientError as e:
+                outage = outage or Outage(url, io, stats)
+                outage.wait(e)
+    finally:
+        if outage is not None:
+            outage.over()
 
 
 def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
