@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from ..inference.weights import CLIENT_STATE, POINTER, read_client, read_pointer
 from . import ds_internals, faults
 
 SAVE_FAILED_EXIT_CODE = 74    # EX_IOERR: a checkpoint could not be written; not retried
+
+
+TORCH_PREFIX = re.compile(r"^\[enforce fail at [^]]*\][ .]*")     # where in torch's C++ it noticed
 
 
 class SaveFailed(RuntimeError):
@@ -135,9 +139,12 @@ def write_files(engine, ckpt_dir: Path, tag: str, client: dict, ema) -> str | No
 
 
 def describe(e: Exception) -> str:
+    """A write error in one line: the OS's words and the file, or what torch.save said (it reports a full
+    disk as a RuntimeError such as "[enforce fail at inline_container.cc:672] . unexpected pos ...")."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"a write failed ({TORCH_PREFIX.sub('', said)})"
 
 
 def agree_saved(engine, ckpt_dir: Path, tag: str, error: str | None) -> None:

@@ -160,8 +160,10 @@ class Reporter:
             self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.run.name, unit="step")
 
     def say(self, text: str, error: bool = False) -> None:
-        if self.on:
-            print(f"elt-train: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+        if self.on:                      # through the bar: a line of its own, not glued to the bar's
+            out = sys.stderr if error else sys.stdout
+            self.bar.write(f"elt-train: {text}", file=out)
+            out.flush()
 
     def log(self, row: dict) -> None:
         """One training step's row (every rank computed it; rank 0 writes it)."""
