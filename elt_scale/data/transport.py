@@ -53,7 +53,7 @@ CURL_TRANSIENT = {5: "proxy name not resolved", 6: "host name not resolved", 7: 
                   16: "HTTP/2 error", 18: "transfer cut off mid-body", 28: "timed out", 35: "TLS handshake failed",
                   52: "empty reply", 55: "send failed", 56: "receive failed", 92: "HTTP/2 stream error"}
 HTTP_TRANSIENT = frozenset({408, 425, 429})   # and every 5xx
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 10.0     # at most 10 s late after the storage is back
 
 
 class TransientError(Exception):
@@ -223,7 +223,7 @@ class ShardStream:
 
 
 class Outage:
-    """The retries of one source after a transport fault: exponential backoff (1 s doubling to 30 s) with
+    """The retries of one source after a transport fault: exponential backoff (1 s doubling to 10 s) with
     jitter (x 0.5..1, so that ranks hit by the same outage do not return in lockstep), each logged once and
     counted; StorageUnavailable once data.io_retry_s have passed since the first failure. The jitter comes
     from its own generator: a retry never moves the training's random streams."""
