@@ -157,13 +157,14 @@ def agree_saved(engine, ckpt_dir: Path, tag: str, error: str | None) -> None:
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     rank = next(r for r, e in enumerate(errors) if e is not None)
+    free = free_space(ckpt_dir)                  # what the save met, before its folder is removed (rank 0's)
     if dist.get_rank() == 0:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     previous = read_pointer(ckpt_dir)
     kept = f"{ckpt_dir / POINTER} still names {previous}" if previous else f"no checkpoint in {ckpt_dir} yet"
-    raise SaveFailed(f"checkpoint {tag} could not be written (rank {rank}: {errors[rank]}; "
-                     f"{free_space(ckpt_dir)}); the partial folder is removed and {kept}. Free space or raise the "
-                     f"quota on that file system, then rerun the same command to resume from there")
+    raise SaveFailed(f"checkpoint {tag} could not be written (rank {rank}: {errors[rank]}; {free}); the "
+                     f"partial folder is removed and {kept}. Free space or raise the quota on that file system, "
+                     f"then rerun the same command to resume from there")
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
