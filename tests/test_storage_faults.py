@@ -326,26 +326,43 @@ def test_storage_down_past_the_budget_exits_69_in_one_line(tmp_path, digits32):
 # ---------------------------------------------------------------------------------------------------------
 # a checkpoint onto a full disk
 
-def test_a_save_onto_a_full_disk_keeps_latest_exits_74_and_a_rerun_resumes(tmp_path, digits32):
-    """The run directory on a 1 MiB tmpfs with 500 KiB taken: the step-3 checkpoint (~400 KiB) fits, the
-    step-6 one does not. Then the filler is deleted and the same command resumes from step 3."""
-    args = (f"data.shards={digits32}", "train.steps=6", "train.save_every=3", "train.keep_last=2")
-    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
-        filler = disk / "filler"
-        filler.write_bytes(b"\0" * 500 * 1024)
-        first = Training(disk, *args)
-        rc = first.finish()
+def folder_bytes(folder: Path) -> int:
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())   # tmpfs pages
+
+
+@pytest.mark.parametrize("nprocs", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_a_save_onto_a_full_disk_keeps_latest_exits_74_and_a_rerun_resumes(tmp_path, digits32, nprocs):
+    """The run directory on a 4 MiB tmpfs. Once the first checkpoint is written, a filler takes all but half a
+    checkpoint of the free space, so the next save cannot be written: every rank exits 74 at once (2 ranks:
+    ZeRO-2, each writing its own shard; no rank waits in a barrier, train.collective_timeout_s=60 would show
+    it), `latest` stays, no partial folder is left. The filler is deleted and the same command resumes."""
+    steps = 30
+    args = (f"data.shards={digits32}", f"train.steps={steps}", "train.save_every=3", "train.keep_last=2",
+            "train.collective_timeout_s=60", *(("deepspeed.zero_stage=2",) if nprocs == 2 else ()))
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
         ckpt = disk / "digits_masked" / "ckpt"
+        first = Training(disk, *args, nprocs=nprocs)
+        while not (ckpt / "latest").exists():
+            assert first.proc.poll() is None, first.text[-3000:]
+            time.sleep(0.05)
+        size = folder_bytes(ckpt / (ckpt / "latest").read_text())
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - size // 2))
+        rc = first.finish()
+        kept = (ckpt / "latest").read_text()
         assert rc == SAVE_FAILED_EXIT_CODE, first.text[-3000:]
-        assert (ckpt / "latest").read_text() == "step_00000003"
-        assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003"]     # no partial folder
         said = [line for line in first.text.splitlines() if "could not be written" in line]
-        assert len(said) == 1 and "step_00000006" in said[0] and "latest still names step_00000003" in said[0]
-        assert f"exiting {SAVE_FAILED_EXIT_CODE}" in said[0] and "Traceback" not in first.text, first.text[-3000:]
-        rows = read_rows(disk / "digits_masked" / "metrics.jsonl")         # whole rows only
-        assert [r["step"] for r in rows] == list(range(1, 7))
+        assert len(said) == 1 and f"latest still names {kept}" in said[0] and "Traceback" not in first.text, \
+            first.text[-3000:]
+        failed = int(re.search(r"checkpoint step_(\d+) could not", said[0])[1])
+        assert f"exiting {SAVE_FAILED_EXIT_CODE}" in said[0] and failed > int(kept.split("_")[1])
+        tags = {p.name for p in ckpt.glob("step_*")}            # (DeepSpeed also copies zero_to_fp32.py there)
+        assert (ckpt / "latest").exists() and tags and max(tags) == kept, tags       # nothing newer, no partial
+        assert [r["step"] for r in read_rows(disk / "digits_masked" / "metrics.jsonl")] == list(range(1, failed + 1))
         filler.unlink()
-        again = Training(disk, *args)
+        again = Training(disk, *args, nprocs=nprocs)
         assert again.finish() == 0, again.text[-3000:]
-        assert "steps 3→6" in again.text and (ckpt / "latest").read_text() == "step_00000006"
-        assert [r["step"] for r in read_metrics(disk / "digits_masked")] == list(range(1, 7))
+        assert f"steps {int(kept.split('_')[1])}→{steps}" in again.text, again.text[-3000:]
+        assert [r["step"] for r in read_metrics(disk / "digits_masked")] == list(range(1, steps + 1))
+    print(f"\nfull disk, {nprocs} rank(s): checkpoint of {size / 2**10:.0f} KiB; save of step {failed} failed, "
+          f"latest stayed {kept}: {said[0]}")
