@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .files import atomic_write_text
 from .loopspec import parse_loop_list
 
 
@@ -37,6 +38,8 @@ class DataConfig:
     num_workers: int = 0
     strict: bool = False              # corrupt shard / unexpected member: fatal (True) or skipped and counted
     allow_pipe: bool = False          # let data.shards be a `pipe:` command (webdataset), e.g. for s3:// or gs://
+    io_timeout_s: float = 60          # a remote read that receives no byte this long is a stall (retried)
+    io_retry_s: float = 600           # transport faults of one shard are retried this long, then exit 69
 
 
 @dataclass
@@ -324,6 +327,8 @@ def validate(r: Recipe) -> None:
            f"false at deepspeed.zero_stage={d.zero_stage} (parameters are partitioned, so offloadable, only at stage 3)")
     _check(r.data.shuffle_buffer >= 0, "data.shuffle_buffer", r.data.shuffle_buffer, ">= 0")
     _check(r.data.num_workers >= 0, "data.num_workers", r.data.num_workers, ">= 0")
+    _check(r.data.io_timeout_s > 0, "data.io_timeout_s", r.data.io_timeout_s, "> 0")
+    _check(r.data.io_retry_s >= 0, "data.io_retry_s", r.data.io_retry_s, ">= 0 (0 = no retries)")
     validate_eval(r)
 
 
@@ -349,4 +354,4 @@ def recipe_to_dict(r: Recipe) -> dict:
 
 
 def save_recipe(r: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(r), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(r), sort_keys=False))

@@ -1,6 +1,6 @@
 """The built-in demonstration of the paper's central claim (Figure 1) on scikit-learn's digits, on a CPU.
 
-    python -m elt_scale.demo [--seeds 0,1,2] [--steps 800] [--num 300] [--quick] [--results docs]
+    python -m elt_scale.demo [--seeds 0,1,2] [--steps 400] [--num 150] [--quick] [--results docs]
 
 1. tokenizes digits (train + val) into shards/digits, where recipes/digits_masked.yaml looks for them;
 2. trains the masked ELT with ILSD and as a vanilla looped transformer (`ilsd.enabled=false`, only ever
@@ -55,8 +55,8 @@ def parse_args(argv=None):
                                                    "docs to update the committed results)")
     p.add_argument("--shards", default=str(ROOT / "shards" / "digits"), help="digits shards (default shards/digits)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run.seed values (default 0,1,2)")
-    p.add_argument("--steps", type=int, default=800, help="training steps per model (default 800)")
-    p.add_argument("--num", type=int, default=300, help="samples per model, seed and loop count (default 300)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per model (default 400)")
+    p.add_argument("--num", type=int, default=150, help="samples per model, seed and loop count (default 150)")
     p.add_argument("--sample-steps", type=int, default=12, help="MaskGIT decoding steps (default 12)")
     p.add_argument("--jobs", type=int, default=2, help="processes at once (default 2: one per core here)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, 40 samples, 4 MaskGIT steps")

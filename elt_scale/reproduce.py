@@ -1,6 +1,6 @@
 """The paper's two claims on digits, for both model families, on a CPU, over several seeds.
 
-    python -m elt_scale.reproduce [--seeds 0,1,2] [--steps 600] [--num 200] [--quick] [--results docs]
+    python -m elt_scale.reproduce [--seeds 0,1,2] [--steps 400] [--num 150] [--quick] [--results docs]
 
 For the masked (recipes/digits_masked.yaml) and the diffusion (recipes/digits_diffusion.yaml) recipe,
 N unique layers looped L_max times, four models are trained through the real trainer with the same
@@ -78,8 +78,8 @@ def parse_args(argv=None):
                                                    "to update the committed results)")
     p.add_argument("--shards", default=str(ROOT / "shards"), help="folder of the digits shard sets (default shards)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run.seed values (default 0,1,2)")
-    p.add_argument("--steps", type=int, default=600, help="training steps for every model (default 600)")
-    p.add_argument("--num", type=int, default=200, help="samples per model, seed and loop count (default 200)")
+    p.add_argument("--steps", type=int, default=400, help="training steps for every model (default 400)")
+    p.add_argument("--num", type=int, default=150, help="samples per model, seed and loop count (default 150)")
     p.add_argument("--masked-steps", type=int, default=12, help="MaskGIT decoding steps (default 12)")
     p.add_argument("--diffusion-steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--jobs", type=int, default=2, help="processes at once (default 2: one per core here)")

@@ -6,14 +6,22 @@
 
 Writes <run.out_dir>/<run.name>/{recipe.yaml, tokenizer.json, run_info.json, metrics.jsonl, ckpt/}. A run
 directory that already holds a checkpoint is resumed (train.resume=auto|never|PATH), also on another world
-size. Exit codes: 0 done, 2 bad recipe, data, resume path or DeepSpeed version, 3 numerics guard stopped the
-run, 75 preempted (checkpoint saved; requeue it: see elt_scale/engine/preemption.py), 124 a stalled step
-(elt_scale/engine/watchdog.py).
+size. Exit codes:
+    0   done
+    2   bad recipe, data, resume path or DeepSpeed version (never retried)
+    3   the numerics guard stopped the run (never retried)
+    69  storage unavailable: a shard or the manifest stayed unreadable for data.io_retry_s; restart the job
+        once storage is back, it resumes from its last checkpoint (elt_scale/data/transport.py)
+    74  a checkpoint, metrics.jsonl or the run directory could not be written (disk full, quota, EIO); the
+        last complete checkpoint is kept; free space, then rerun (elt_scale/engine/checkpoint.py; never retried)
+    75  preempted: checkpoint saved; requeue it (elt_scale/engine/preemption.py)
+    124 a stalled step (elt_scale/engine/watchdog.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -23,8 +31,10 @@ import torch.distributed as dist
 from .cli import ArgumentParser
 from .config import RecipeError, load_recipe, save_recipe
 from .data import check_data, make_loader
+from .data.transport import STORAGE_EXIT_CODE, StorageUnavailable
 from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
+from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
 from .engine.distributed import init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config
 from .engine.guard import NumericsGuard, NumericsStop, poison, term_flags
@@ -33,6 +43,7 @@ from .engine.logger import Reporter, Throughput, write_run_info
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .engine.resume import ResumeRefused, Started, start_engine
 from .engine.watchdog import StepWatchdog
+from .files import atomic_write_text, free_space
 from .ilsd import draw_l_int, ilsd_lambda, ilsd_loss
 from .inference.load import RUN_TOKENIZER
 from .objectives import build_objective
@@ -59,8 +70,14 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
+    except StorageUnavailable as e:
+        print(f"elt-train: {e.line()}; exiting {STORAGE_EXIT_CODE}", file=sys.stderr)
+        return STORAGE_EXIT_CODE
     rank, world = init_distributed(recipe.train.collective_timeout_s)
     status = train(recipe, manifest, resume_from, rank, world)
+    if status == STORAGE_EXIT_CODE:      # this rank alone: the others are waiting in a collective for it
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(status)                 # no teardown that could wait for them (as the step watchdog)
     # Only on a normal return: gloo's worker threads still hold tensors if the interpreter tears the process
     # group down itself, and exit aborts ("terminate called without an active exception", seen on a Slurm
     # rank). After an exception a collective teardown could hang on a rank that never arrives: let it die.
@@ -122,20 +139,26 @@ def run_step(s: Started, objective, loader, recipe, step: int, rank: int) -> Ste
     return out
 
 
-def agree(bad: torch.Tensor, preempt: bool) -> list[float]:
-    """Element-wise max over ranks of the numerics flags and the preemption flag: one small all-reduce and
-    the step's one host read of them."""
-    t = torch.cat([bad.float(), bad.new_full((1,), float(preempt), dtype=torch.float32)])   # no host->device copy
+def agree(bad: torch.Tensor, preempt: bool, write_failed: bool = False) -> list[float]:
+    """Element-wise max over ranks of the numerics flags, the preemption flag and rank 0's failed-write flag:
+    one small all-reduce and the step's one host read of them."""
+    t = torch.cat([bad.float(), *(bad.new_full((1,), float(f), dtype=torch.float32)   # no host->device copy
+                                  for f in (preempt, write_failed))])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
-def global_mean(sums: dict, count: int) -> dict:
-    """Loss terms summed over this rank's micro-batches -> their mean over the whole global batch (one
-    all-reduce; called on logging steps only, by every rank), so the logged curve is layout-free."""
-    t = torch.stack(list(sums.values()))
+def global_row(sums: dict, count: int, counters: dict) -> dict:
+    """Loss terms summed over this rank's micro-batches -> their mean over the whole global batch, and the
+    loader's counters (retries, seconds waited, skipped shards and samples since this attempt started) summed
+    over ranks: one all-reduce, on logging steps only, by every rank; the logged curve is layout-free."""
+    t = torch.cat([torch.stack(list(sums.values())),
+                   torch.tensor(list(counters.values()), dtype=torch.float32).to(next(iter(sums.values())).device)])
     dist.all_reduce(t)
-    return dict(zip(sums, (t / count).tolist()))
+    values = t.tolist()
+    row = {k: v / count for k, v in zip(sums, values)}
+    row.update({k: (round(v, 3) if k.endswith("_s") else int(v)) for k, v in zip(counters, values[len(sums):])})
+    return row
 
 
 def as_float(x) -> float | None:
@@ -160,15 +183,40 @@ def save(started: Started, recipe, done: int, loader, result: StepResult, guard)
 
 def prepare_run_dir(recipe, started: Started, world: int, ds_config: dict, manifest: dict) -> dict:
     """Rank 0: the run directory with what sampling needs later from any working directory (recipe.yaml and
-    the tokenizer that decodes samples), run_info.json; folders of saves that never completed pruned."""
+    the tokenizer that decodes samples), run_info.json; folders of saves that never completed pruned. Every
+    file is replaced whole (written aside, renamed), so a full disk never leaves a torn one for the next start."""
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
-    (run_dir / RUN_TOKENIZER).write_text(json.dumps(manifest["tokenizer"], indent=1))
+    atomic_write_text(run_dir / RUN_TOKENIZER, json.dumps(manifest["tokenizer"], indent=1))
     if (run_dir / "ckpt").exists():
         ckpt.prune(run_dir / "ckpt", recipe.train.keep_last)
     return write_run_info(run_dir / "run_info.json", recipe, started.engine.module, world, ds_config,
                           started.state.wandb_id)
+
+
+def any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def open_run(recipe, started: Started, world: int, ds_config: dict, manifest: dict, rank: int):
+    """Rank 0 writes the run directory and opens metrics.jsonl; all ranks agree whether that worked (one
+    all-reduce) -> (run info on rank 0, Reporter), or None when it failed (rank 0 has said why)."""
+    info, reporter, error = None, None, None
+    try:
+        if rank == 0:
+            info = prepare_run_dir(recipe, started, world, ds_config, manifest)
+        reporter = Reporter(recipe, rank, started.state.step, started.state.wandb_id)
+    except OSError as e:
+        error = ckpt.describe(e)
+    if not any_rank(error is not None, started.engine.device):
+        return info, reporter
+    if error:
+        print(f"elt-train: cannot write the run directory {recipe.run_dir}: {error} ({free_space(recipe.run_dir)});"
+              f" free space or raise the quota, then rerun; exiting {SAVE_FAILED_EXIT_CODE}", file=sys.stderr)
+    return None
 
 
 def start_line(recipe, info: dict, world: int, start: int, resume_from) -> str:
@@ -180,7 +228,7 @@ def start_line(recipe, info: dict, world: int, start: int, resume_from) -> str:
 
 
 def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
-    """The run itself, on an initialised process group. Returns the exit code (0, 2, 3 or 75)."""
+    """The run itself, on an initialised process group. Returns the exit code (0, 2, 3, 69, 74 or 75)."""
     preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
         ds_config = make_ds_config(recipe, world)
@@ -189,55 +237,79 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
         if rank == 0 or isinstance(e, BatchMismatch):
             print(f"elt-train: {e}", file=sys.stderr)
         return 2
-    state, t = started.state, recipe.train
-    start = state.step
-    info = prepare_run_dir(recipe, started, world, ds_config, manifest) if rank == 0 else None
-    reporter = Reporter(recipe, rank, start, state.wandb_id)
+    opened = open_run(recipe, started, world, ds_config, manifest, rank)
+    if opened is None:
+        return SAVE_FAILED_EXIT_CODE
+    info, reporter = opened
     for note in started.notes:
         reporter.say(note, error=True)
-    reporter.say(start_line(recipe, info, world, start, resume_from) if info else "")
-    objective = build_objective(recipe)
-    loader = make_loader(recipe, rank, world, state.data_position)
-    meter, live = Throughput(recipe, world), LiveEval(recipe, rank, world, manifest["tokenizer"])
-    guard = NumericsGuard(t.max_bad_steps, state.skipped_steps, state.bad_streak)
-    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank)
+    reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
+    try:
+        loader = make_loader(recipe, rank, world, started.state.data_position)
+        return loop(recipe, started, loader, reporter, preempt, manifest, rank, world)
+    except StorageUnavailable as e:              # this rank's reads; the others learn it when it leaves
+        print(f"elt-train: rank {rank}: {e.line()}; exiting {STORAGE_EXIT_CODE}: restart the job once the "
+              f"storage is back, it resumes from its last checkpoint", file=sys.stderr, flush=True)
+        return STORAGE_EXIT_CODE
+    except SaveFailed as e:                      # raised on every rank together
+        reporter.say(f"{e}; exiting {SAVE_FAILED_EXIT_CODE}", error=True)
+        return SAVE_FAILED_EXIT_CODE
+    finally:
+        reporter.close()
 
-    status = 0
-    for step in range(start, t.steps):
-        done = step + 1
-        result = run_step(started, objective, loader, recipe, step, rank)
-        meter.add(ds_config["train_batch_size"])
-        *bad, preempted = agree(result.bad, preempt.requested)
-        watchdog.beat(done)
-        preempted = preempted > 0 and done < t.steps             # on the last step: just finish
-        grad_norm = as_float(started.engine.get_global_grad_norm())
-        try:
-            guard.after_step(done, result.skipped, bad, grad_norm)
-        except NumericsStop as e:
-            reporter.say(f"stopping: {e}", error=True)
-            status = 3
-            break
-        if done % t.log_every == 0 or done == t.steps or preempted:          # the same on every rank
-            means = global_mean(result.sums, world * t.grad_accum)
-            reporter.log({"step": done, **means, **step_facts(result, started, grad_norm, guard), **meter.read(),
-                          "world_size": world})
-        reporter.tick()
-        if not preempted:                        # a preempted job saves and leaves: no sampling first
-            with watchdog.paused():              # sampling is not a slow step
-                live.after_step(done, started.engine, started.ema, reporter)
-        if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
-            with watchdog.paused():              # long and legitimate: not a stalled step
-                save(started, recipe, done, loader, result, guard)
-        if preempted:
-            reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
-                         f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", error=True)
-            status = PREEMPT_EXIT_CODE
-            break
-    watchdog.stop()
-    reporter.close()
-    if status == 0:
-        reporter.say(f"finished {t.steps} steps, {guard.skipped} skipped; run in {recipe.run_dir}")
-    return status
+
+def loop(recipe, started: Started, loader, reporter, preempt, manifest: dict, rank: int, world: int) -> int:
+    """The training steps from the resumed step on. Returns 0, 3, 74 (metrics.jsonl unwritable) or 75."""
+    t = recipe.train
+    objective = build_objective(recipe)
+    meter, live = Throughput(recipe, world), LiveEval(recipe, rank, world, manifest["tokenizer"])
+    guard = NumericsGuard(t.max_bad_steps, started.state.skipped_steps, started.state.bad_streak)
+    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank,
+                            excused=lambda: loader.in_outage)      # an outage has its own bound (exit 69)
+    try:
+        for step in range(started.state.step, t.steps):
+            done = step + 1
+            result = run_step(started, objective, loader, recipe, step, rank)
+            meter.add(t.micro_batch * t.grad_accum * world)
+            *bad, preempted, write_failed = agree(result.bad, preempt.requested, reporter.write_error is not None)
+            watchdog.beat(done)
+            if write_failed:                         # rank 0's, agreed: every rank stops here
+                return metrics_failed(reporter, recipe)
+            preempted = preempted > 0 and done < t.steps             # on the last step: just finish
+            grad_norm = as_float(started.engine.get_global_grad_norm())
+            try:
+                guard.after_step(done, result.skipped, bad, grad_norm)
+            except NumericsStop as e:
+                reporter.say(f"stopping: {e}", error=True)
+                return 3
+            if done % t.log_every == 0 or done == t.steps or preempted:          # the same on every rank
+                row = global_row(result.sums, world * t.grad_accum, loader.counters())
+                reporter.log({"step": done, **row, **step_facts(result, started, grad_norm, guard),
+                              **meter.read(), "world_size": world})
+            reporter.tick()
+            if not preempted:                        # a preempted job saves and leaves: no sampling first
+                with watchdog.paused():              # sampling is not a slow step
+                    live.after_step(done, started.engine, started.ema, reporter)
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
+                with watchdog.paused():              # long and legitimate: not a stalled step
+                    save(started, recipe, done, loader, result, guard)
+            if preempted:
+                reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
+                             f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", error=True)
+                return PREEMPT_EXIT_CODE
+    finally:
+        watchdog.stop()
+    if reporter.write_error:                         # the last step's row (rank 0): the run is done otherwise
+        return metrics_failed(reporter, recipe)
+    reporter.say(f"finished {t.steps} steps, {guard.skipped} skipped; run in {recipe.run_dir}")
+    return 0
+
+
+def metrics_failed(reporter, recipe) -> int:
+    reporter.say(f"cannot append to {reporter.write_error} ({free_space(recipe.run_dir)}); the file ends with "
+                 f"the last whole row; free space or raise the quota, then rerun to resume from the last "
+                 f"checkpoint; exiting {SAVE_FAILED_EXIT_CODE}", error=True)
+    return SAVE_FAILED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@
 # once. A failed attempt (a rank killed, OOM, a collective timeout, the step watchdog) is restarted in
 # the same allocation as a new step on a new rendezvous port, resuming from the last complete
 # checkpoint, up to $ELT_MAX_RESTARTS times (default 3; counted in <log dir>/restarts, which survives
-# requeues). Exit 2 (bad recipe/data) and 3 (numerics guard) are never retried. When the allocation
-# itself is broken (a node down, srun cannot start the step) the job requeues instead (also counted).
+# requeues); that includes exit 69 (storage unreachable for data.io_retry_s: the restart resumes once it
+# is back). Exit 2 (bad recipe/data), 3 (numerics guard) and 74 (a checkpoint or log could not be written:
+# disk full, quota) are never retried. When the allocation itself is broken (a node down, srun cannot
+# start the step) the job requeues instead (also counted).
 #
 # Cluster settings (modules, venv, NCCL/GLOO interfaces, IB HCAs) live in an env file, not here:
 # $ELT_ENV_FILE, else slurm/env.sh if present (see slurm/env.example.sh).
@@ -44,11 +46,11 @@
 set -euo pipefail
 
 PREEMPT_EXIT_CODE=75   # elt_scale.engine.preemption.PREEMPT_EXIT_CODE
-NEVER_RETRIED=(2 3)    # bad recipe/data/resume path, numerics guard: the same again on a restart
+NEVER_RETRIED=(2 3 74) # bad recipe/data/resume path, numerics guard, disk full: the same again on a restart
 MAX_RESTARTS="${ELT_MAX_RESTARTS:-3}"
 
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 
@@ -150,8 +152,9 @@ while true; do
   fi
   for code in "${NEVER_RETRIED[@]}"; do
     if [ "$rc" -eq "$code" ] || task_exited_with "$code"; then
-      echo "train_large.sh: training exited $code (2: bad recipe, data or resume path; 3: numerics guard):" \
-           "not restarted, a restart would fail the same way; see $LOG_DIR/"
+      echo "train_large.sh: training exited $code (2: bad recipe, data or resume path; 3: numerics guard;" \
+           "74: a checkpoint or log could not be written, free space first): not restarted, a restart would" \
+           "fail the same way; see $LOG_DIR/"
       exit "$code"
     fi
   done

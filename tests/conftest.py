@@ -37,6 +37,15 @@ def digits_pixel_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits32_shards(tmp_path_factory) -> Path:
+    """Digits in 51 shards of 32 samples (the set-up of issue 22): a run opens a new shard every few steps."""
+    out = tmp_path_factory.mktemp("shards") / "digits32"
+    r = run_tokenize("--source", "digits", "--samples-per-shard", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def train_cmd(recipe: str, *overrides: str, nprocs: int = 1) -> list[str]:
     if nprocs == 1:
         return [sys.executable, "-m", "elt_scale.train", str(ROOT / "recipes" / recipe), *overrides]

@@ -60,6 +60,22 @@ def test_watchdog_allows_a_slow_first_step_and_pauses_and_stops_cleanly():
     assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr
 
 
+def test_watchdog_excuses_a_storage_outage_then_watches_again():
+    """While the loader rides out a storage outage (bounded by data.io_retry_s, exit 69) the step clock does
+    not run; once the outage is over a hang is caught as before."""
+    r, took = run_watchdog("""
+        outage = [True]
+        w = StepWatchdog(factor=2, min_s=0.3, first_s=0.3, poll_s=0.05, excused=lambda: outage[0])
+        time.sleep(1.5)        # the first step waits for storage: 5 x first_s, excused
+        outage[0] = False
+        w.beat(1)
+        print("survived the outage", flush=True)
+        time.sleep(60)         # step 2 hangs
+    """)
+    assert r.returncode == WATCHDOG_EXIT_CODE and "survived the outage" in r.stdout, r.stderr
+    assert "step 2 has not finished" in r.stderr and took < 20, (took, r.stderr)
+
+
 def test_fault_spec_parses_and_rejects_typos():
     assert faults.plan("nan_steps:2,4;kill_in_save:3;die_at:1:7") == \
         {"nan_steps": {2, 4}, "kill_in_save": 3, "die_at": (1, 7)}

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "elt_scale"
 LAYERS = [   # lowest first; a module may import its own layer and the ones below
-    {"config", "seeding", "dist", "loopspec", "cli"},
+    {"config", "seeding", "dist", "loopspec", "cli", "files"},
     {"data", "models", "objectives", "ilsd", "tokenizers", "metrics"},
     {"sampling"},
     {"inference"},

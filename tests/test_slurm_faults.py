@@ -1,6 +1,7 @@
 """Hard faults on the real two-node Slurm cluster (tests/slurm_cluster.py): a rank killed with -9, a rank
-stopped with SIGSTOP, a deterministic failure, a crash loop. slurm/train_large.sh restarts a failed
-attempt in its allocation (bounded by ELT_MAX_RESTARTS) and never retries exit 2/3."""
+stopped with SIGSTOP, a deterministic failure, a crash loop, the shard server gone for longer than the
+ranks' retry budget. slurm/train_large.sh restarts a failed attempt in its allocation (bounded by
+ELT_MAX_RESTARTS), exit 69 (storage unavailable) included, and never retries exit 2/3."""
 import re
 import signal
 import socket
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conftest import read_metrics
 from tests.slurm_cluster import explain, node_logs, submit_train
+from tests.storage_servers import ShardServer
 
 pytestmark = pytest.mark.slurm
 TIMEOUT_S = 30        # train.collective_timeout_s in the stall test: small, yet far above a loaded step
@@ -122,3 +124,35 @@ def test_deterministic_failure_is_not_retried_and_a_crash_loop_stops(cluster, tm
     assert re.search(r"task 1: Killed[^)]*\); giving up after 1 restart\(s\) \(ELT_MAX_RESTARTS=1\)", batch), why
     assert starts(rank0_log(job_env, "elt-loop", loop_job), 8) == [0, 0], why      # two attempts, no more
     assert (Path(job_env["ELT_LOG_DIR"]) / f"elt-loop-{loop_job}" / "restarts").read_text().strip() == "1"
+
+
+def test_storage_gone_past_the_budget_restarts_the_job_which_finishes_once_it_is_back(cluster, tmp_path, job_env,
+                                                                                       digits32_shards):
+    """The shard server dies after a checkpoint and stays away past data.io_retry_s=10: the ranks exit 69 with
+    one line naming the URL, train_large.sh restarts the attempt (whose start-up manifest read waits for the
+    server too), the server comes back, and the job resumes from the checkpoint and finishes."""
+    steps, name, run = 40, "elt-storage", tmp_path / "digits_masked"
+    with ShardServer(digits32_shards) as server:
+        job, batch_log = submit_train(cluster, tmp_path, dict(job_env, ELT_MAX_RESTARTS="3"), f"train.steps={steps}",
+                                      f"data.shards={server.url}", f"run.out_dir={tmp_path}", "train.save_every=10",
+                                      "data.shuffle_buffer=32", "data.io_retry_s=10", name=name)
+        try:
+            wait_until(lambda: (run / "ckpt" / "latest").exists() and last_step(run) >= 12, "a checkpoint", cluster, job)
+            server.kill()
+            down = time.time()
+            wait_until(lambda: "restart 1 of 3" in batch_log.read_text(), "the first restart", cluster, job)
+            gone = time.time() - down
+            server.start()
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{explain(cluster, batch_log, job_env, name, job)}") from None
+        info = cluster.wait(job, timeout=300)
+    why = explain(cluster, batch_log, job_env, name, job)
+    print(f"server killed -> attempt over and restarted after {gone:.1f} s (data.io_retry_s=10)")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", why
+    restart = re.search(r"srun exited \d+ \((.*)\); restart 1 of 3 .*resuming from step (\d+)", batch_log.read_text())
+    assert restart and "Exited with exit code 69" in restart[1] and int(restart[2]) >= 10, why
+    said = [line for log in node_logs(job_env, name, job).values() for line in log.splitlines()
+            if "storage unavailable" in line]
+    assert said and all(f"{server.url}/" in line and "exiting 69" in line for line in said), why
+    assert starts(rank0_log(job_env, name, job), steps)[-1] == int(restart[2]), why
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1)), why     # each step exactly once

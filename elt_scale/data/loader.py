@@ -9,7 +9,10 @@ batch does not grow with P.
 A refused sample or an unreadable shard is fatal with data.strict=true, else skipped with a warning and
 counted (`Loader.bad_samples`, `Loader.bad_shards`); its place in the window is taken by another readable
 sample of the same window (or, when the whole window is unreadable, of the same stream's span), so
-every batch stays full and the order of all other samples is unchanged."""
+every batch stays full and the order of all other samples is unchanged. That is for content faults only:
+a read that fails for a transport reason is retried inside `webds.shard_samples` and continues at the
+sample where it broke, so the batches are exactly those of an undisturbed run, or the storage stays away
+for data.io_retry_s and StorageUnavailable ends the run (transport.py)."""
 from __future__ import annotations
 
 import collections
@@ -23,11 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .mix import check_mix
 from .order import Order
+from .transport import IoPolicy, IoStats, io_policy
 from .webds import ShardError, decode_sample, load_manifest, shard_samples, shard_urls
 
 log = logging.getLogger(__name__)
 
-UNREADABLE = (tarfile.TarError, OSError, EOFError, ValueError)   # what a broken or vanished shard raises
+UNREADABLE = (tarfile.TarError, OSError, EOFError, ValueError)   # what a broken or missing shard raises
 
 
 def check_manifest(manifest: dict, recipe, where: str) -> None:
@@ -82,14 +86,12 @@ class ShardCursors:
     def read(self, shard: int, first: int, count: int) -> list:
         """Decoded samples first..first+count-1 of a shard; None where unreadable or refused."""
         it, at = self.open.pop(shard, (None, -1))
+        url, out = self.ds.urls[shard], []
         if at != first:
             if it is not None:
                 it.close()
-            it, at = shard_samples(self.ds.urls[shard], self.ds._bytes_read), 0
-        url, out = self.ds.urls[shard], []
+            it = shard_samples(url, first, self.ds.io, self.ds.io_stats)     # reads past the samples before
         try:
-            for _ in range(first - at):               # read past, not decoded
-                next(it)
             for _ in range(count):
                 out.append(self._decode(*next(it), url))
         except StopIteration:                          # fewer samples than the manifest says
@@ -129,15 +131,15 @@ class WindowStream(IterableDataset):
     for every window index from the start position on, one window of each of the rank's streams."""
 
     def __init__(self, urls: list[str], order: Order, streams: list[int], kind: str, strict: bool,
-                 start_batch: int = 0):
+                 start_batch: int = 0, io: IoPolicy | None = None):
         self.urls, self.order, self.streams, self.kind, self.strict = urls, order, streams, kind, strict
-        self.start_batch = start_batch
-        # shared with worker processes, so the main process sees what they skipped and read
-        self._bad_shards, self._bad_samples, self._bytes_read = mp.Value("l", 0), mp.Value("l", 0), mp.Value("q", 0)
+        self.start_batch, self.io = start_batch, io or IoPolicy()
+        # shared with worker processes, so the main process sees what they skipped, read and retried
+        self._bad_shards, self._bad_samples, self.io_stats = mp.Value("l", 0), mp.Value("l", 0), IoStats()
 
     bad_shards = property(lambda self: self._bad_shards.value)
     bad_samples = property(lambda self: self._bad_samples.value)
-    bytes_read = property(lambda self: self._bytes_read.value)
+    bytes_read = property(lambda self: self.io_stats.bytes_read)
 
     def items(self):
         """(epoch, window, stream) of every window-item, from the start position on, forever."""
@@ -207,6 +209,18 @@ class Loader:
     bad_samples = property(lambda self: self.dataset.bad_samples)
     bytes_read = property(lambda self: self.dataset.bytes_read)
 
+    @property
+    def in_outage(self) -> bool:
+        """A read of this rank (any worker) is waiting out a storage outage right now: a logged wait bounded
+        by data.io_retry_s, which the step watchdog does not count as a stall."""
+        return self.dataset.io_stats.in_outage
+
+    def counters(self) -> dict:
+        """What this rank's reading cost since the process started (all workers): for metrics.jsonl."""
+        s = self.dataset.io_stats
+        return {"io_retries": s.retries, "io_wait_s": s.wait_s, "bad_shards": self.bad_shards,
+                "bad_samples": self.bad_samples}
+
     def _fill(self) -> None:
         windows = [next(self._it) for _ in self.dataset.streams]      # one per micro-step of this rank
         for k in range(self._skip, windows[0][0].shape[0]):
@@ -229,7 +243,7 @@ def open_data(recipe) -> tuple[dict, list[str], list[int]]:
     """The recipe's shards exist, fit its model and list its split -> (manifest, shard URLs or paths, sizes)."""
     d = recipe.data
     try:
-        manifest = load_manifest(d.shards, d.allow_pipe)
+        manifest = load_manifest(d.shards, d.allow_pipe, io_policy(d))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data.shards={d.shards}: {e}") from None
     check_manifest(manifest, recipe, d.shards)
@@ -252,5 +266,5 @@ def make_loader(recipe, rank: int = 0, world: int = 1, position: int = 0) -> Loa
     order = Order(tuple(sizes), recipe.run.seed, t.micro_batch * t.grad_accum * world, t.micro_batch,
                   d.shuffle_buffer)
     streams = list(range(rank * t.grad_accum, (rank + 1) * t.grad_accum))
-    ds = WindowStream(urls, order, streams, manifest["sample"]["kind"], d.strict, position)
+    ds = WindowStream(urls, order, streams, manifest["sample"]["kind"], d.strict, position, io_policy(d))
     return Loader(ds, d.num_workers, position)

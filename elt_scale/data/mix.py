@@ -237,6 +237,7 @@ def plan_mix(recipe, spec: str | None, global_batch: int, micro_batch: int) -> d
     None: the recipe's data.shards when its manifest is a file on this machine.
     -> {"manifest", "order", "mix"} or {"manifest", "note"}."""
     from .synthetic import synthetic_manifest
+    from .transport import io_policy
     from .webds import is_remote, load_manifest, shard_urls
 
     split = recipe.data.split
@@ -251,7 +252,7 @@ def plan_mix(recipe, spec: str | None, global_batch: int, micro_batch: int) -> d
         urls, sizes = manifest["splits"][split]["shards"], manifest["splits"][split]["shard_sizes"]
     else:
         spec = str(Path(spec).parent) if spec.endswith("manifest.json") and not is_remote(spec) else spec
-        manifest = load_manifest(spec, allow_pipe=False)
+        manifest = load_manifest(spec, allow_pipe=False, io=io_policy(recipe.data))
         urls, sizes = shard_urls(spec, split, manifest)
     counts, where = shard_class_counts(manifest, split, urls)
     if counts is None:

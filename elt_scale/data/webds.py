@@ -3,24 +3,26 @@ how a shard's samples are read, and how a sample is decoded safely.
 
 `data.shards` is one of
   /data/in256                                a directory (shard names from its manifest.json)
-  http://host/in256                          the same over http(s) (webdataset's gopen runs curl)
+  http://host/in256                          the same over http(s) (curl)
   /data/in256/train-{000000..001281}.tar     a brace pattern (local or URL): exactly these shards
   pipe:aws s3 cp s3://b/train-{0..9}.tar -   a shell command per shard; only with data.allow_pipe=true
 and the manifest is read from beside the shards over the same scheme.
 
-Only a sample's own members are read (ALLOWED_MEMBERS); `.npy` is parsed with pickles refused."""
+Only a sample's own members are read (ALLOWED_MEMBERS); `.npy` is parsed with pickles refused. A read that
+fails for a transport reason (transport.py) is retried and continues at the sample where it broke."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
 import numpy as np
 from braceexpand import braceexpand
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ..config import RecipeError
 from .shards import ALLOWED_MEMBERS, FORMAT, LABEL_MEMBER, MANIFEST, SAMPLE_MEMBER, decode_npy, read_manifest
+from .transport import IoPolicy, IoStats, Outage, ShardStream, TransientError, fetch
 
 
 class ShardError(RuntimeError):
@@ -52,16 +54,16 @@ def manifest_url(spec: str) -> str:
     return spec.rstrip("/") + "/" + MANIFEST
 
 
-def load_manifest(spec: str, allow_pipe: bool) -> dict:
-    """The manifest beside the shards, read locally or through gopen."""
+def load_manifest(spec: str, allow_pipe: bool, io: IoPolicy | None = None) -> dict:
+    """The manifest beside the shards, read locally or over the spec's scheme, retried like a shard
+    (StorageUnavailable past the budget); a manifest that is not there is FileNotFoundError."""
     check_spec(spec, allow_pipe)
     url = manifest_url(spec)
     if not is_remote(url):
         return read_manifest(url)
     try:
-        with gopen(url) as f:
-            text = f.read()
-    except Exception as e:     # curl's exit status or a failed command, as gopen reports it
+        text = fetch(url, io or IoPolicy())
+    except OSError as e:       # HTTP 404 and the like: the storage answered, and there is no manifest
         raise FileNotFoundError(f"cannot read {url} ({e})") from None
     try:
         manifest = json.loads(text)
@@ -97,42 +99,59 @@ def shard_urls(spec: str, split: str, manifest: dict) -> tuple[list[str], list[i
     return urls, [size_of[_SHARD_NAME.search(u).group()] for u in urls]
 
 
-class CountingReader:
-    """A file object that adds what is read to a shared counter (bytes read per rank, for the bench)."""
-
-    def __init__(self, f, counter):
-        self.f, self.counter = f, counter
-
-    def read(self, n=-1):
-        data = self.f.read(n)
-        with self.counter.get_lock():
-            self.counter.value += len(data)
-        return data
-
-    def close(self):
-        self.f.close()
-
-
-def shard_samples(url: str, bytes_read=None):
-    """(key, {extension: bytes}) of every sample of a shard, in order, streamed through webdataset's tar
-    iterator; members of one key are consecutive (webdataset's grouping rule). A broken tar raises."""
-    f = gopen(url)
-    stream = CountingReader(f, bytes_read) if bytes_read is not None else f
+def read_shard(url: str, timeout_s: float, stats: IoStats | None = None):
+    """One pass over a shard: (key, {extension: bytes}) of every sample, in order, streamed through
+    webdataset's tar iterator; members of one key are consecutive (webdataset's grouping rule). A broken
+    tar raises its error; a transport fault raises TransientError, also when it shows as a broken tar
+    (bytes that stopped coming) or as a clean end (curl cut off at a member boundary)."""
+    stream = ShardStream(url, timeout_s, stats)
     key, members = None, {}
     try:
-        for member in tar_file_iterator(stream, skip_meta=None):
-            k, ext = base_plus_ext(member["fname"])
-            if k is None:
-                continue
-            if k != key and members:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = member["data"]
+        try:
+            for member in tar_file_iterator(stream, skip_meta=None):
+                k, ext = base_plus_ext(member["fname"])
+                if k is None:
+                    continue
+                if k != key and members:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = member["data"]
+        except TransientError:
+            raise
+        except Exception:
+            stream.check()         # the transport's failure, if any, is the cause
+            raise
+        stream.check()             # before the last sample: it may be cut short
         if members:
             yield key, members
     finally:
-        f.close()
+        stream.close()
+
+
+def shard_samples(url: str, start: int = 0, io: IoPolicy | None = None, stats: IoStats | None = None):
+    """Samples start, start+1, ... of a shard, each exactly once: after a transport fault the shard is
+    reopened and read past the samples already delivered (transport.Outage: backoff, budget, then
+    StorageUnavailable). Only delivering a new sample counts as progress (resets the budget's clock)."""
+    io = io or IoPolicy()
+    done, outage = start, None
+    try:
+        while True:
+            try:
+                with contextlib.closing(read_shard(url, io.timeout_s, stats)) as samples:
+                    for i, sample in enumerate(samples):
+                        if i >= done:
+                            done += 1
+                            if outage is not None:
+                                outage = outage.over()
+                            yield sample
+                return
+            except TransientError as e:
+                outage = outage or Outage(url, io, stats)
+                outage.wait(e)
+    finally:
+        if outage is not None:
+            outage.over()
 
 
 def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
@@ -155,14 +174,16 @@ def decode_sample(key: str, members: dict, url: str) -> tuple[np.ndarray, int]:
     return x, label
 
 
-def split_samples(spec: str, split: str, allow_pipe: bool = False, limit: int | None = None):
+def split_samples(spec: str, split: str, allow_pipe: bool = False, limit: int | None = None,
+                  io: IoPolicy | None = None):
     """(key, array, label) of a split's samples in manifest order, at most `limit`: for readers that want a
-    split as it is stored (reference images, held-out losses), not the training order. Refused samples raise."""
-    manifest = load_manifest(spec, allow_pipe)
+    split as it is stored (reference images, held-out losses), not the training order. Refused samples raise;
+    transport faults are retried as in training (default budget)."""
+    manifest = load_manifest(spec, allow_pipe, io)
     urls, _ = shard_urls(spec, split, manifest)
     count = 0
     for url in urls:
-        for key, members in shard_samples(url):
+        for key, members in shard_samples(url, io=io):
             if limit is not None and count >= limit:
                 return
             yield (key, *decode_sample(key, members, url))

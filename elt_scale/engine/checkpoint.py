@@ -9,6 +9,12 @@ DeepSpeed's own `latest` is written by rank 0 without waiting for the other rank
 killed mid-save could point at a half-written folder; we save with save_latest=False and write the
 pointer ourselves after a barrier. A folder without the pointer is ignored (and pruned later).
 
+A save that cannot be written (disk full, quota, EIO) on any rank fails on every rank together: each rank
+writes what it can, the ranks agree on the outcome (one all-reduce where the barrier was), rank 0 removes
+the partial folder, `latest` stays on the previous complete checkpoint, and SaveFailed carries one line
+that the trainer prints before exiting SAVE_FAILED_EXIT_CODE. Not retried by slurm/train_large.sh: a full
+disk stays full until someone frees space; then the rerun resumes from `latest`.
+
 Resuming on the same world size restores everything through `engine.load_checkpoint`. On a different
 world size the fp32 weights are consolidated (zero_to_fp32) and loaded before `deepspeed.initialize`,
 the EMA is re-sliced, step/LR schedule/data position continue; the optimizer moments and step count come
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +32,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..files import atomic_write_text, free_space
 from ..inference.weights import CLIENT_STATE, POINTER, read_client, read_pointer
-from . import faults
+from . import ds_internals, faults
+
+SAVE_FAILED_EXIT_CODE = 74    # EX_IOERR: a checkpoint could not be written; not retried
+
+
+TORCH_PREFIX = re.compile(r"^\[enforce fail at [^]]*\][ .]*")     # where in torch's C++ it noticed
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed on some rank; raised on every rank, with one line for the log."""
 
 
 @dataclass
@@ -64,12 +80,7 @@ def tag_for(step: int) -> str:
 
 
 def write_pointer(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{POINTER}.tmp"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / POINTER)
+    atomic_write_text(Path(ckpt_dir) / POINTER, tag)
 
 
 def rng_state() -> dict:
@@ -89,23 +100,71 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, ckpt_dir: Path, state: TrainState, ema=None, keep_last: int = 2) -> str:
-    """Collective: every rank calls it. Returns the tag. The state's keys are merged into DeepSpeed's
-    model-states dict, so none may be DeepSpeed's own ('param_shapes', 'module' ...)."""
+    """Collective: every rank calls it. Returns the tag, or raises SaveFailed on every rank. The state's keys
+    are merged into DeepSpeed's model-states dict, so none may be DeepSpeed's own ('param_shapes', 'module' ...)."""
     client = state.to_dict()
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client, "rng": rng_state()}, save_latest=False)
-    folder = ckpt_dir / tag
-    if ema is not None:
-        ema.save(folder)
-    if dist.get_rank() == 0:
-        (folder / CLIENT_STATE).write_text(json.dumps(client, indent=1))
-    dist.barrier()                                  # every rank's files are on disk
+    error = write_files(engine, ckpt_dir, tag, client, ema)
+    agree_saved(engine, ckpt_dir, tag, error)       # every rank's files are on disk (or all ranks raise)
     faults.kill_in_save(client["step"])            # test-only (ELT_FAULT): die mid-save
+    error = None
     if dist.get_rank() == 0:
-        write_pointer(ckpt_dir, tag)
+        try:
+            write_pointer(ckpt_dir, tag)
+        except OSError as e:
+            error = describe(e)
+    agree_saved(engine, ckpt_dir, tag, error)       # `latest` names this checkpoint (or all ranks raise)
+    if dist.get_rank() == 0:
         prune(ckpt_dir, keep_last)
-    dist.barrier()
     return tag
+
+
+def write_files(engine, ckpt_dir: Path, tag: str, client: dict, ema) -> str | None:
+    """This rank's files of checkpoint `tag`; what went wrong (one line), or None. Never raises a write
+    error: every rank must reach the agreement that follows."""
+    folder = ckpt_dir / tag
+    try:
+        with ds_internals.save_errors_kept(engine) as errors:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client, "rng": rng_state()},
+                                   save_latest=False)
+        if errors:
+            return describe(errors[0])
+        if ema is not None:
+            ema.save(folder)
+        if dist.get_rank() == 0:
+            atomic_write_text(folder / CLIENT_STATE, json.dumps(client, indent=1))
+    except OSError as e:
+        return describe(e)
+    return None
+
+
+def describe(e: Exception) -> str:
+    """A write error in one line: the OS's words and the file, or what torch.save said (it reports a full
+    disk as a RuntimeError such as "[enforce fail at inline_container.cc:672] . unexpected pos ...")."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"a write failed ({TORCH_PREFIX.sub('', said)})"
+
+
+def agree_saved(engine, ckpt_dir: Path, tag: str, error: str | None) -> None:
+    """Collective: nothing when no rank failed; else rank 0 removes the partial folder and every rank raises
+    SaveFailed naming the first failing rank, its error and what is left."""
+    failed = torch.tensor([float(error is not None)], device=engine.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank = next(r for r, e in enumerate(errors) if e is not None)
+    free = free_space(ckpt_dir)                  # what the save met, before its folder is removed (rank 0's)
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    previous = read_pointer(ckpt_dir)
+    kept = f"{ckpt_dir / POINTER} still names {previous}" if previous else f"no checkpoint in {ckpt_dir} yet"
+    raise SaveFailed(f"checkpoint {tag} could not be written (rank {rank}: {errors[rank]}; {free}); the "
+                     f"partial folder is removed and {kept}. Free space or raise the quota on that file system, "
+                     f"then rerun the same command to resume from there")
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

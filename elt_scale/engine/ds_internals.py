@@ -9,6 +9,7 @@ Fragments: each rank owns a contiguous piece (start, values) of every flattened 
 - stage 0 (replicated fp32 weights, no master copy): a contiguous 1/world slice of each parameter."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -26,7 +27,10 @@ REQUIRED = (("deepspeed.utils", "safe_get_local_fp32_param"),
             ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.update_lp_params"),
             ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state"),
             ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.checkpoint_event_prologue"),
-            ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.checkpoint_event_epilogue"))
+            ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.checkpoint_event_epilogue"),
+            ("deepspeed.runtime.engine", "DeepSpeedEngine._copy_recovery_script"),
+            ("deepspeed.runtime.checkpoint_engine.checkpoint_engine", "CheckpointEngine.save"),
+            ("deepspeed.runtime.checkpoint_engine.checkpoint_engine", "CheckpointEngine.makedirs"))
 
 
 class DeepSpeedMismatch(RuntimeError):
@@ -103,6 +107,42 @@ def fp32_fragment(param: torch.Tensor, rank: int, world: int) -> tuple[int, torc
     start = rank * chunk
     numel = max(0, min(chunk, n - start))
     return (start, param.detach().view(-1)[start:start + numel].float()) if numel else None
+
+
+# --- saving -----------------------------------------------------------------------------------------------
+# engine.save_checkpoint writes its files between barriers and ends with one: a write that raised on one
+# rank (disk full, quota, EIO) would leave the others waiting there for the collective timeout. While it
+# runs, its writers (torch.save through the checkpoint engine, makedirs, the copy of zero_to_fp32.py) keep
+# their error and return, so every rank runs the same collectives; checkpoint.save agrees on the outcome.
+SAVE_WRITERS = (("checkpoint_engine", "save"), ("checkpoint_engine", "makedirs"), (None, "_copy_recovery_script"))
+
+
+@contextlib.contextmanager
+def save_errors_kept(engine):
+    """Yields the list that collects this rank's write errors during `engine.save_checkpoint`."""
+    errors: list[Exception] = []
+    patched = []
+    for owner_name, attr in SAVE_WRITERS:
+        owner = engine if owner_name is None else getattr(engine, owner_name)
+        patched.append((owner, attr, vars(owner).get(attr)))
+        setattr(owner, attr, _keeping(getattr(owner, attr), errors))
+    try:
+        yield errors
+    finally:
+        for owner, attr, own in patched:
+            if own is None:
+                delattr(owner, attr)          # the class's method shows through again
+            else:
+                setattr(owner, attr, own)
+
+
+def _keeping(write, errors: list):
+    def kept(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except (OSError, RuntimeError) as e:     # torch.save reports a failed write as RuntimeError
+            errors.append(e)
+    return kept
 
 
 # --- optimizer state from per-parameter universal files (engine/universal.py) ------------------------------

@@ -2,9 +2,12 @@
 
 Only rank 0 writes. metrics.jsonl holds each step at most once across preemptions: on resume at step S
 rows after S (logged before the job died, but not covered by the checkpoint) are dropped, because the
-resumed run logs those steps again."""
+resumed run logs those steps again. Each row is one write of a whole line; a write that fails (disk full,
+quota) is cut back off the file, and a torn last line (a crash mid-write) is dropped on resume, so the
+file always parses. A failed write is kept in `Reporter.write_error`: the trainer stops all ranks on it."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import recipe_to_dict
+from ..files import atomic_write_text
 from ..models import param_counts
 from ..models.flops import sequence_length, train_flops_per_sample
 from .ds_internals import full_numel
@@ -28,23 +32,42 @@ def _finite_or_none(v):
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (torn by a crash or a full disk) is dropped
+    with a note naming it."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"elt-train: {path}:{n}: dropping a torn line ({line[:60]!r}...)", file=sys.stderr)
+    return rows
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = Path(run_dir) / "metrics.jsonl"
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+            keep = [row for row in read_rows(self.path) if row.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in keep))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
-        self.file.flush()
+        """One whole line or nothing: a failed or short write is truncated away, then raised."""
+        data = (json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n").encode()
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write (file system full?)", str(self.path))
+        except OSError:
+            os.ftruncate(self.fd, self.size)
+            raise
+        self.size += len(data)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 def new_wandb_id() -> str:
@@ -118,7 +141,7 @@ def write_run_info(path: Path, recipe, model, world: int, ds_config: dict, wandb
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "deepspeed": deepspeed.__version__},
             "git_commit": git_commit(), "ds_config": ds_config}
-    Path(path).write_text(json.dumps(info, indent=1))
+    atomic_write_text(path, json.dumps(info, indent=1))
     return info
 
 
@@ -129,6 +152,7 @@ class Reporter:
     def __init__(self, recipe, rank: int, start_step: int, wandb_id: str):
         self.on, self.recipe, self.start_step = rank == 0, recipe, start_step
         self.metrics = self.wandb = self._bar = None
+        self.write_error: str | None = None       # the first failed metrics.jsonl write (rank 0)
         if self.on:
             self.metrics = MetricsLog(recipe.run_dir, resume_step=start_step)
             self.wandb = init_wandb(recipe, wandb_id)
@@ -143,13 +167,16 @@ class Reporter:
         return self._bar
 
     def say(self, text: str, error: bool = False) -> None:
-        if self.on:
-            print(f"elt-train: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+        if self.on:                      # through tqdm: a line of its own, not glued to the bar's
+            from tqdm import tqdm
+            out = sys.stderr if error else sys.stdout
+            tqdm.write(f"elt-train: {text}", file=out)
+            out.flush()
 
     def log(self, row: dict) -> None:
         """One training step's row (every rank computed it; rank 0 writes it)."""
         if self.on:
-            self.metrics.write(row)
+            self._write(row)
             if self.wandb:
                 self.wandb.log(row, step=row["step"])
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", L_int=row.get("l_int"))
@@ -159,13 +186,23 @@ class Reporter:
         if not self.on:
             return
         for row in rows:
-            self.metrics.write(row)
+            self._write(row)
         if self.wandb:
             import wandb
             logged = {f"eval/{k}_{r['eval_L']}": v for r in rows for k, v in r.items()
                       if k not in ("step", "eval_L", "eval_s")}
             logged.update({f"eval/grid_{label}": wandb.Image(str(p)) for label, p in grids.items()})
             self.wandb.log({**logged, "eval/eval_s": eval_s}, step=step)
+
+    def _write(self, row: dict) -> None:
+        """A row to metrics.jsonl; a failed write is kept (the trainer stops every rank on it), not raised,
+        and later rows are not attempted: the file ends with the last whole row."""
+        if self.write_error is not None:
+            return
+        try:
+            self.metrics.write(row)
+        except OSError as e:
+            self.write_error = f"{self.metrics.path}: {e.strerror or e} at step {row.get('step')}"
 
     def tick(self) -> None:
         if self.on:

@@ -16,6 +16,10 @@ restarts the job step from the last checkpoint.
             save()
     watchdog.stop()
 
+`excused` (optional, polled by the thread): while it returns True the step is waiting for something that is
+bounded and logged elsewhere (the loader riding out a storage outage, data.io_retry_s): the clock restarts
+instead of running, as in `paused()`.
+
 os._exit, not sys.exit: the main thread is stuck, so an exception raised in this thread would reach
 nobody, and atexit handlers or a process-group teardown could block on the very thing that hangs.
 """
@@ -34,8 +38,8 @@ WATCHDOG_EXIT_CODE = 124      # what timeout(1) returns
 
 class StepWatchdog:
     def __init__(self, factor: float, min_s: float, first_s: float, rank: int = 0, poll_s: float = 1.0,
-                 history: int = 100):
-        self.factor, self.min_s, self.first_s, self.rank = factor, min_s, first_s, rank
+                 history: int = 100, excused=None):
+        self.factor, self.min_s, self.first_s, self.rank, self.excused = factor, min_s, first_s, rank, excused
         self.durations: deque[float] = deque(maxlen=history)
         self.step = 0                     # the last finished step
         self.started = time.monotonic()   # when the current step (or pause) began
@@ -81,6 +85,9 @@ class StepWatchdog:
     def _watch(self, poll_s: float) -> None:
         while not self._stop.wait(poll_s):
             with self._lock:
+                if self.excused is not None and self.excused():
+                    self.started = time.monotonic()
+                    continue
                 elapsed, limit = time.monotonic() - self.started, self.limit()
                 if self._pauses or elapsed <= limit:
                     continue

@@ -1,0 +1,368 @@
+"""Issue 22: storage that comes and goes. A read that fails for a transport reason (refused, 503, a stall, a
+failing `pipe:` command) is retried and continues at the sample where it broke, so the batches and the logged
+losses are those of an undisturbed run; past data.io_retry_s the rank exits 69 in one line. A content fault
+(404, a broken tar) keeps the skip path. A save onto a full disk keeps `latest`, removes its partial folder and
+exits 74; metrics.jsonl and the run's small files are never left torn. All faults are real: servers killed and
+restarted, handlers that answer 503 or go silent, a small tmpfs filled up."""
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from elt_scale.config import load_recipe
+from elt_scale.data import make_loader
+from elt_scale.data.transport import STORAGE_EXIT_CODE, StorageUnavailable, TransientError, transient_or_same
+from elt_scale.engine.checkpoint import SAVE_FAILED_EXIT_CODE
+from elt_scale.engine.logger import MetricsLog, read_rows
+from elt_scale.files import atomic_write_text
+from tests.conftest import ROOT, read_metrics, run_train, train_cmd
+from tests.datasets import write_shards
+from tests.storage_servers import FaultyServer, ShardServer, mounted_tmpfs
+
+N, PER_SHARD, MICRO = 320, 20, 16      # 16 shards; windows of 32 samples cross shard boundaries
+
+
+def recipe(shards, *overrides):
+    return load_recipe(None, [f"data.shards={shards}", f"train.micro_batch={MICRO}", "data.shuffle_buffer=32",
+                              "data.io_timeout_s=2", "data.io_retry_s=60", *overrides])
+
+
+def sample_ids(loader, count: int) -> list[list[int]]:
+    return [next(loader)[0][:, 0, 0].tolist() for _ in range(count)]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_shards(tmp_path / "s", n=N, per_shard=PER_SHARD)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loader alone: fast
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_503_and_a_stall_mid_body_are_retried_and_change_no_batch(shards, workers, caplog):
+    """One shard answers 503 for 3 s, another sends half its body and goes silent (data.io_timeout_s=2): the
+    loader waits, reopens, reads past the samples it already delivered and hands out the undisturbed batches,
+    also from a DataLoader worker."""
+    reference = sample_ids(make_loader(recipe(shards)), 30)               # 1.5 epochs
+    with FaultyServer(shards) as server, caplog.at_level(logging.WARNING):
+        server.unavailable_for("train-000003.tar", 503, 3)
+        server.stall("train-000007.tar", (shards / "train-000007.tar").stat().st_size // 2)
+        loader = make_loader(recipe(server.url, f"data.num_workers={workers}"))
+        t0 = time.monotonic()
+        got = sample_ids(loader, 30)
+        took = time.monotonic() - t0
+    assert got == reference
+    assert loader.bad_shards == loader.bad_samples == 0 and not loader.in_outage
+    assert server.hits["train-000003.tar"] >= 2 and server.hits["train-000007.tar"] >= 2
+    assert loader.counters()["io_retries"] >= 2 and 3 <= took < 30, (loader.counters(), took)
+    if workers == 0:                  # a worker's log records go to its own stderr, not to caplog
+        assert "HTTP 503" in caplog.text and "no bytes for 2 s (data.io_timeout_s)" in caplog.text
+        assert "skipping" not in caplog.text
+
+
+def test_a_404_is_a_missing_shard_skipped_at_once_not_retried(shards, caplog):
+    (shards / "train-000004.tar").unlink()
+    with FaultyServer(shards) as server, caplog.at_level(logging.WARNING):
+        loader = make_loader(recipe(server.url))
+        sample_ids(loader, 20)                                           # one epoch
+    assert loader.bad_shards == 1 and server.hits["train-000004.tar"] == 1
+    assert "HTTP 404" in caplog.text and "retry" not in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_storage_away_past_the_budget_raises_one_line_naming_the_url(shards, workers):
+    """Also from a DataLoader worker, whose exception reaches the trainer with the worker's traceback in
+    front of the message: the line is still the message alone."""
+    with ShardServer(shards) as server:
+        loader = make_loader(recipe(server.url, "data.io_retry_s=4", f"data.num_workers={workers}"))
+        next(loader)
+        server.kill()
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailable) as e:
+            sample_ids(loader, 20)
+    took = time.monotonic() - t0
+    line = e.value.line()
+    assert 3.9 <= took < 4 + 5, took
+    assert "\n" not in line and f"{server.url}/train-" in line and "connect" in line.lower()
+    assert "data.io_retry_s=4" in line and not loader.in_outage, line
+
+
+def test_a_failing_pipe_command_is_retried_until_it_works(shards, tmp_path):
+    """A `pipe:` command that exits 1 until a marker appears 3 s later (an object-store CLI during an outage)."""
+    marker = tmp_path / "up"
+    spec = f"pipe:test -e {marker} && cat {shards}/train-{{000000..000015}}.tar"
+    reference = sample_ids(make_loader(recipe(shards)), 12)
+    marker.touch()                                      # the manifest is read at start-up, before the outage
+    loader = make_loader(recipe(spec, "data.allow_pipe=true"))
+    marker.unlink()
+    threading.Timer(3, marker.touch).start()
+    assert sample_ids(loader, 12) == reference
+    assert loader.counters()["io_retries"] >= 1 and loader.bad_shards == 0
+
+
+def test_the_manifest_read_at_start_up_is_retried(shards):
+    server = ShardServer(shards)
+    timer = threading.Timer(3, server.start)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        loader = make_loader(recipe(server.url))       # the server is not up yet: refused, retried
+        assert time.monotonic() - t0 >= 2.5
+        assert len(sample_ids(loader, 2)) == 2
+    finally:
+        timer.join()
+        server.kill()
+
+
+def test_local_errors_storage_failed_or_file_gone():
+    assert isinstance(transient_or_same(OSError(errno.EIO, "Input/output error"), "/x"), TransientError)
+    assert isinstance(transient_or_same(OSError(errno.ESTALE, "Stale file handle"), "/x"), TransientError)
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    assert transient_or_same(gone, "/x") is gone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small files on a full disk: fast
+
+def test_metrics_log_on_a_full_disk_ends_with_a_whole_row_and_resumes(tmp_path):
+    with mounted_tmpfs(tmp_path / "full", "16k") as full:
+        log = MetricsLog(full, resume_step=0)
+        rows = 0
+        with pytest.raises(OSError) as e:
+            while True:
+                log.write({"step": rows + 1, "loss": 1.0, "pad": "x" * 300})
+                rows += 1
+        log.close()
+        assert e.value.errno == errno.ENOSPC and rows > 10
+        text = (full / "metrics.jsonl").read_text()
+        assert text.endswith("\n") and [r["step"] for r in read_rows(full / "metrics.jsonl")] == list(range(1, rows + 1))
+    # a torn last line (a crash mid-write) is dropped on resume
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsLog(tmp_path, resume_step=5).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_small_files_are_replaced_whole_or_not_at_all_on_a_full_disk(tmp_path):
+    with mounted_tmpfs(tmp_path / "full", "8k") as full:
+        atomic_write_text(full / "run_info.json", json.dumps({"ok": True}))
+        with pytest.raises(OSError):
+            atomic_write_text(full / "run_info.json", "x" * 20_000)
+        assert json.loads((full / "run_info.json").read_text()) == {"ok": True}
+        assert sorted(p.name for p in full.iterdir()) == ["run_info.json"]       # no temporary left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer: real runs, the issue's set-up (digits in 51 shards of 32 over http), losses against a run from
+# the local directory with the same seed, logged every step
+
+STEPS = 24
+TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.warmup_steps=2",
+        "data.shuffle_buffer=32", f"train.steps={STEPS}")      # a window of 4 steps: a new shard every few steps
+
+
+@pytest.fixture(scope="module")
+def digits32(digits32_shards):
+    return digits32_shards
+
+
+def losses(run_dir) -> list[tuple]:
+    return [(r["step"], r["loss"], r["loss_teacher"], r["loss_student"], r["loss_distill"])
+            for r in read_metrics(run_dir) if "loss" in r]
+
+
+def undisturbed_run(shards, out, nprocs=1, *overrides) -> tuple[list[tuple], float]:
+    t0 = time.monotonic()
+    r = run_train("digits_masked.yaml", f"data.shards={shards}", f"run.out_dir={out}", *TINY, *overrides,
+                  nprocs=nprocs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return losses(out / "digits_masked"), time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def undisturbed(digits32, tmp_path_factory):
+    return undisturbed_run(digits32, tmp_path_factory.mktemp("undisturbed"))
+
+
+class Training:
+    """`python -m elt_scale.train` (or the deepspeed launcher) in the background, its output in a file."""
+
+    def __init__(self, out: Path, *overrides, nprocs: int = 1):
+        self.run, self.log = out / "digits_masked", out / "train.log"
+        out.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(train_cmd("digits_masked.yaml", f"run.out_dir={out}", *TINY, *overrides,
+                                                   nprocs=nprocs), cwd=ROOT, env=env, stdout=f,
+                                         stderr=subprocess.STDOUT)
+        self.t0 = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while max((r["step"] for r in read_metrics(self.run)), default=0) < step if (self.run / "metrics.jsonl").exists() \
+                else True:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text[-3000:]
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.took = time.monotonic() - self.t0
+
+
+def assert_nothing_lost(run: Training, reference: list[tuple], hits_needed: int = 1) -> dict:
+    assert losses(run.run) == reference, run.text[-3000:]              # every step, every term: bit-identical
+    last = read_metrics(run.run)[-1]
+    assert last["bad_shards"] == 0 and last["bad_samples"] == 0, last
+    assert last["io_retries"] >= hits_needed, (last, run.text[-3000:])  # the fault was met
+    assert "skipping" not in run.text and "Traceback" not in run.text
+    return last
+
+
+def test_http_server_killed_mid_run_and_back_20s_later_changes_no_loss(tmp_path, digits32, undisturbed):
+    """The issue's run: the shard server is killed after step 3 and started again on its port 20 s later."""
+    reference, reference_s = undisturbed
+    with ShardServer(digits32) as server:
+        run = Training(tmp_path, f"data.shards={server.url}")
+        run.wait_for_step(3)
+        server.kill()
+        time.sleep(20)
+        server.start()
+        rc = run.finish()
+    assert rc == 0, run.text[-3000:]
+    last = assert_nothing_lost(run, reference)
+    print(f"\nserver down 20 s: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
+          f"{last['io_retries']} retries, {last['io_wait_s']:.1f} s waited")
+
+
+@pytest.mark.multiproc
+def test_two_ranks_ride_out_a_server_restart_with_a_worker_each(tmp_path, digits32):
+    """The same with 2 ranks, each reading in a DataLoader worker: the losses of an undisturbed 2-rank run."""
+    extra = ("data.num_workers=1", "deepspeed.zero_stage=2")
+    reference, reference_s = undisturbed_run(digits32, tmp_path / "undisturbed", 2, *extra)
+    with ShardServer(digits32) as server:
+        run = Training(tmp_path / "http", f"data.shards={server.url}", *extra, nprocs=2)
+        run.wait_for_step(3)
+        server.kill()
+        time.sleep(20)
+        server.start()
+        rc = run.finish()
+    assert rc == 0, run.text[-3000:]
+    last = assert_nothing_lost(run, reference)
+    print(f"\n2 ranks, server down 20 s: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
+          f"{last['io_retries']} retries over both ranks, {last['io_wait_s']:.1f} s waited")
+
+
+def shard_first_read_after(shards: Path, batch: int) -> str:
+    """The shard that rank 0 of a 1-rank run opens first at global batch `batch` (from the order alone)."""
+    from elt_scale.data.order import Order
+    manifest = json.loads((shards / "manifest.json").read_text())["splits"]["train"]
+    order = Order(tuple(manifest["shard_sizes"]), 0, 8, 8, 32)
+    before = {s for b in range(batch) for s, _ in order.micro_batch_samples(b, 0)}
+    later = [s for s, _ in order.micro_batch_samples(batch, 0) if s not in before]
+    return manifest["shards"][later[0]]
+
+
+def test_a_shard_answering_503_for_30s_changes_no_loss(tmp_path, digits32, undisturbed):
+    reference, reference_s = undisturbed
+    with FaultyServer(digits32) as server:
+        shard = shard_first_read_after(digits32, 8)
+        server.unavailable_for(shard, 503, 30)
+        run = Training(tmp_path, f"data.shards={server.url}")
+        rc = run.finish()
+    assert rc == 0, run.text[-3000:]
+    last = assert_nothing_lost(run, reference)
+    assert server.hits[shard] >= 3 and f"{shard}: HTTP 503; retry 1 in" in run.text, run.text[-3000:]
+    print(f"\n503 for 30 s: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
+          f"{last['io_retries']} retries, {last['io_wait_s']:.1f} s waited")
+
+
+def test_a_shard_stalling_mid_body_times_out_and_changes_no_loss(tmp_path, digits32, undisturbed):
+    reference, reference_s = undisturbed
+    with FaultyServer(digits32) as server:
+        shard = shard_first_read_after(digits32, 8)
+        server.stall(shard, (digits32 / shard).stat().st_size // 2)
+        run = Training(tmp_path, f"data.shards={server.url}", "data.io_timeout_s=3")
+        rc = run.finish()
+    assert rc == 0, run.text[-3000:]
+    last = assert_nothing_lost(run, reference)
+    assert server.hits[shard] == 2 and f"{shard}: no bytes for 3 s (data.io_timeout_s)" in run.text
+    print(f"\nstall mid-body, data.io_timeout_s=3: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
+          f"{last['io_retries']} retries, {last['io_wait_s']:.1f} s waited")
+
+
+def test_storage_down_past_the_budget_exits_69_in_one_line(tmp_path, digits32):
+    budget = 10
+    with ShardServer(digits32) as server:
+        run = Training(tmp_path, f"data.shards={server.url}", f"data.io_retry_s={budget}")
+        run.wait_for_step(3)
+        server.kill()
+        down = time.monotonic()
+        rc = run.finish()
+        gone = time.monotonic() - down
+    assert rc == STORAGE_EXIT_CODE, run.text[-3000:]
+    lines = [line for line in run.text.splitlines() if "storage unavailable" in line]
+    assert len(lines) == 1 and re.search(rf"{server.url}/train-\d+\.tar", lines[0]), run.text[-3000:]
+    assert f"exiting {STORAGE_EXIT_CODE}" in lines[0] and "Traceback" not in run.text
+    assert budget <= gone < budget + 20, gone               # the budget, plus the steps left in the window
+    print(f"\nstorage down past data.io_retry_s={budget}: exit {rc} {gone:.1f} s after the server died")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a checkpoint onto a full disk
+
+def folder_bytes(folder: Path) -> int:
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())   # tmpfs pages
+
+
+@pytest.mark.parametrize("nprocs", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_a_save_onto_a_full_disk_keeps_latest_exits_74_and_a_rerun_resumes(tmp_path, digits32, nprocs):
+    """The run directory on a 4 MiB tmpfs. Once the first checkpoint is written, a filler takes all but half a
+    checkpoint of the free space, so the next save cannot be written: every rank exits 74 at once (2 ranks:
+    ZeRO-2, each writing its own shard; no rank waits in a barrier, train.collective_timeout_s=60 would show
+    it), `latest` stays, no partial folder is left. The filler is deleted and the same command resumes."""
+    steps = 30
+    args = (f"data.shards={digits32}", f"train.steps={steps}", "train.save_every=3", "train.keep_last=2",
+            "train.collective_timeout_s=60", *(("deepspeed.zero_stage=2",) if nprocs == 2 else ()))
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
+        ckpt = disk / "digits_masked" / "ckpt"
+        first = Training(disk, *args, nprocs=nprocs)
+        while not (ckpt / "latest").exists():
+            assert first.proc.poll() is None, first.text[-3000:]
+            time.sleep(0.05)
+        size = folder_bytes(ckpt / (ckpt / "latest").read_text())
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - size // 2))
+        rc = first.finish()
+        kept = (ckpt / "latest").read_text()
+        assert rc == SAVE_FAILED_EXIT_CODE, first.text[-3000:]
+        said = [line for line in first.text.splitlines() if "could not be written" in line]
+        assert len(said) == 1 and f"latest still names {kept}" in said[0] and "Traceback" not in first.text, \
+            first.text[-3000:]
+        failed = int(re.search(r"checkpoint step_(\d+) could not", said[0])[1])
+        assert f"exiting {SAVE_FAILED_EXIT_CODE}" in said[0] and failed > int(kept.split("_")[1])
+        tags = {p.name for p in ckpt.glob("step_*")}            # (DeepSpeed also copies zero_to_fp32.py there)
+        assert (ckpt / "latest").exists() and tags and max(tags) == kept, tags       # nothing newer, no partial
+        assert [r["step"] for r in read_rows(disk / "digits_masked" / "metrics.jsonl")] == list(range(1, failed + 1))
+        filler.unlink()
+        again = Training(disk, *args, nprocs=nprocs)
+        assert again.finish() == 0, again.text[-3000:]
+        assert f"steps {int(kept.split('_')[1])}→{steps}" in again.text, again.text[-3000:]
+        assert [r["step"] for r in read_metrics(disk / "digits_masked")] == list(range(1, steps + 1))
+    print(f"\nfull disk, {nprocs} rank(s): checkpoint of {size / 2**10:.0f} KiB; save of step {failed} failed, "
+          f"latest stayed {kept}: {said[0]}")
