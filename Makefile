@@ -27,7 +27,7 @@ reproduce: setup
 	$(PY) -m elt_scale.reproduce
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs shards demo_out reproduce_out
