@@ -37,10 +37,10 @@ def block(name: str, docs: Path) -> str:
 
 def render(readme: str, docs: Path) -> str:
     for name in STUDIES:
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)  # may be empty
         if not pattern.search(readme):
             raise ValueError(f"README.md has no <!-- results:{name} --> … <!-- /results:{name} --> block")
-        readme = pattern.sub(lambda m: m.group(1) + block(name, docs) + m.group(2), readme)
+        readme = pattern.sub(lambda m: m.group(1) + block(name, docs) + "\n" + m.group(2), readme)
     return readme
 
 
