@@ -234,18 +234,23 @@ def assert_nothing_lost(run: Training, reference: list[tuple], hits_needed: int 
     return last
 
 
-def test_http_server_killed_mid_run_and_back_20s_later_changes_no_loss(tmp_path, digits32, undisturbed):
-    """The issue's run: the shard server is killed after step 3 and started again on its port 20 s later."""
-    reference, reference_s = undisturbed
-    with ShardServer(digits32) as server:
-        run = Training(tmp_path, f"data.shards={server.url}")
+def train_through_a_server_restart(shards, out, reference, *overrides, nprocs=1) -> tuple[Training, dict]:
+    """Train from a shard server that is killed after step 3 and started again on its port 20 s later."""
+    with ShardServer(shards) as server:
+        run = Training(out, f"data.shards={server.url}", *overrides, nprocs=nprocs)
         run.wait_for_step(3)
         server.kill()
         time.sleep(20)
         server.start()
         rc = run.finish()
     assert rc == 0, run.text[-3000:]
-    last = assert_nothing_lost(run, reference)
+    return run, assert_nothing_lost(run, reference)
+
+
+def test_http_server_killed_mid_run_and_back_20s_later_changes_no_loss(tmp_path, digits32, undisturbed):
+    """The issue's run: the shard server is killed after step 3 and started again on its port 20 s later."""
+    reference, reference_s = undisturbed
+    run, last = train_through_a_server_restart(digits32, tmp_path, reference)
     print(f"\nserver down 20 s: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
           f"{last['io_retries']} retries, {last['io_wait_s']:.1f} s waited")
 
@@ -255,15 +260,7 @@ def test_two_ranks_ride_out_a_server_restart_with_a_worker_each(tmp_path, digits
     """The same with 2 ranks, each reading in a DataLoader worker: the losses of an undisturbed 2-rank run."""
     extra = ("data.num_workers=1", "deepspeed.zero_stage=2")
     reference, reference_s = undisturbed_run(digits32, tmp_path / "undisturbed", 2, *extra)
-    with ShardServer(digits32) as server:
-        run = Training(tmp_path / "http", f"data.shards={server.url}", *extra, nprocs=2)
-        run.wait_for_step(3)
-        server.kill()
-        time.sleep(20)
-        server.start()
-        rc = run.finish()
-    assert rc == 0, run.text[-3000:]
-    last = assert_nothing_lost(run, reference)
+    run, last = train_through_a_server_restart(digits32, tmp_path / "http", reference, *extra, nprocs=2)
     print(f"\n2 ranks, server down 20 s: run {run.took:.0f} s vs undisturbed {reference_s:.0f} s; "
           f"{last['io_retries']} retries over both ranks, {last['io_wait_s']:.1f} s waited")
 
