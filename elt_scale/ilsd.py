@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .schedules import ilsd_lambda  # noqa: F401 -- λ lives with the other schedules; imported here for callers
 from .seeding import generator
 
 
@@ -15,14 +16,6 @@ def draw_l_int(seed: int, step: int, min_loops: int, max_loops: int) -> int:
     """L_int ~ Uniform{min_loops, …, max_loops−1}, a pure function of (seed, step): identical on every
     rank without communication, and the same sequence after a resume."""
     return int(torch.randint(min_loops, max_loops, (1,), generator=generator(seed, "l_int", step)))
-
-
-def ilsd_lambda(step: int, start: float, end: float, steps: int) -> float:
-    """λ linear from `start` at step 0 to `end` at `steps`, constant afterwards."""
-    if steps <= 0:
-        return end
-    frac = min(max(step / steps, 0.0), 1.0)
-    return start + (end - start) * frac
 
 
 def ilsd_loss(teacher: torch.Tensor, student: torch.Tensor | None, objective, prepared, lam: float):

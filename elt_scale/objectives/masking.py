@@ -6,10 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
-    """Fraction of tokens masked at schedule position r in [0, 1) (MaskGIT's cosine schedule)."""
-    return torch.cos(math.pi / 2 * r)
+from ..schedules import mask_ratio as cosine_mask_ratio   # the one masking schedule (schedules.py)
 
 
 def random_mask(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

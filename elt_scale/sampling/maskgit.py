@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..loopspec import LoopSchedule
+from ..schedules import mask_ratio
 from .predict import Cost, guided, masked_logits
 
 
@@ -19,7 +20,7 @@ def choice_temperature(k: int, steps: int) -> float:
 
 def masked_after(k: int, steps: int, n: int) -> int:
     """Positions still masked after step k (cosine schedule): n·cos(π/2·(k+1)/K), 0 after the last step."""
-    return int(math.floor(n * math.cos(math.pi / 2 * (k + 1) / steps)))
+    return int(math.floor(n * mask_ratio((k + 1) / steps)))
 
 
 def gumbel(shape, generator: torch.Generator) -> torch.Tensor:
