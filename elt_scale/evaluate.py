@@ -15,7 +15,10 @@ as such a file. Under torchrun the feature extraction is split across the proces
 `anytime` samples every run at every loop spec, measures the metric, GFLOPs per sample (every forward
 pass and loop actually run, CFG counted twice) and wall time, and writes anytime.csv and anytime.png
 (metric vs L and metric vs GFLOPs, one line per run). The metric is the digits classifier for 8×8
-digit models and FID (needs --inception-weights and --reference) otherwise."""
+digit models and FID (needs --inception-weights and --reference) otherwise.
+
+A reference that cannot be used (missing, NaN or asymmetric statistics, sizes other than the Inception's)
+exits 2 with one line naming the file and the key, before anything is sampled or extracted."""
 from __future__ import annotations
 
 import json
@@ -26,6 +29,7 @@ from .cli import ArgumentParser
 from .dist import init_from_env
 from .inference.anytime import CSV_NAME, PLOT_NAME, anytime_sweep
 from .inference.outputs import load_npz, open_npz_images
+from .inference.reference import check_reference, inception_dims
 from .inference.scoring import PAPER_SAMPLES, Scorer
 from .metrics.detectors import MissingWeightsError
 
@@ -33,11 +37,13 @@ from .metrics.detectors import MissingWeightsError
 # CLI
 
 def _samples_cmd(args) -> dict:
+    if args.command != "digits":
+        if not args.reference:
+            raise ValueError(f"elt-eval {args.command} needs --reference REF.npz or a shards dir")
+        check_reference(args.reference, videos=args.command == "fvd")
     images, labels = load_npz(args.samples)
     if args.command == "digits" and labels is None:
         raise ValueError(f"{args.samples}: no arr_1 labels; class consistency needs them")
-    if args.command != "digits" and not args.reference:
-        raise ValueError(f"elt-eval {args.command} needs --reference REF.npz or a shards dir")
     scorer = Scorer(args.reference, args.inception_weights, args.i3d_weights)
     return scorer(images, labels, args.command)
 
@@ -46,6 +52,7 @@ def _fid_cmd(args, rank: int, world: int) -> dict | None:
     """ADM's suite of one samples file; the record on rank 0, None on the others."""
     if not args.reference:
         raise ValueError("elt-eval fid needs --reference REF.npz (ADM reference batch) or a shards dir")
+    check_reference(args.reference, videos=False)    # sizes against the Inception's: in the Scorer, before samples
     scorer = Scorer(args.reference, args.inception_weights, rank=rank, world=world, batch_size=args.batch_size,
                     pr_distances=args.pr_distances)
     return scorer.adm(open_npz_images(args.samples))
@@ -60,6 +67,18 @@ def _notes(record: dict) -> list[str]:
         notes.append(f"{record['num_samples']} samples: ADM's protocol (and the paper's FIDs) use {PAPER_SAMPLES}; "
                      "FID, sFID and recall move with the count")
     return notes
+
+
+def _check_anytime_reference(args) -> None:
+    """The sweep first reads the reference when it scores the first run: check it before anything is sampled,
+    against the Inception's feature sizes when FID may be the metric."""
+    if not args.reference:
+        return
+    dims = (None, None)
+    if args.inception_weights and args.metric in ("auto", "fid"):
+        from .metrics import load_inception
+        dims = inception_dims(load_inception(args.inception_weights))
+    check_reference(args.reference, dims=dims)
 
 
 def _reference_cmd(args, rank: int, world: int) -> Path | None:
@@ -133,6 +152,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "anytime":
+        _check_anytime_reference(args)
         scorer = Scorer(args.reference, args.inception_weights, args.i3d_weights,
                         reference_limit=max(args.num, 10_000))
         rows = anytime_sweep([args.run, *args.compare], args.loops, args.num, args.out, metric=args.metric,

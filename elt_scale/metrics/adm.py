@@ -15,6 +15,7 @@ underflows to 0; otherwise the two agree to float32 rounding)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -24,6 +25,14 @@ from .moments import Moments, frechet_from_stats
 
 IS_SPLIT = 5000            # ADM's split_size
 METRIC_KEYS = ("is", "fid", "sfid", "precision", "recall")
+SYMMETRY_RTOL, SYMMETRY_ATOL = 1e-6, 1e-12   # of max|S|: real ADM covariances are symmetric to float rounding
+STAT_PAIRS = (("mu", "sigma", "pool"), ("mu_s", "sigma_s", "spatial"))     # file keys and the features they describe
+FEATURES = {"pool": "the Inception pool features", "spatial": "the Inception spatial features (mixed_6/conv)"}
+
+
+class BadReference(ValueError):
+    """Reference statistics that cannot give a meaningful number (non-finite, asymmetric, of another size).
+    The message is one line naming the file and the key."""
 
 
 @dataclass
@@ -54,6 +63,72 @@ class ReferenceStats:
     def of(cls, features: FeatureSet, pr_limit: int | None = None) -> "ReferenceStats":
         spatial = features.spatial_stats() or (None, None)
         return cls(*features.pool_stats(), *spatial, features.pool[:pr_limit])
+
+    def checked(self, where, pool_dim: int | None = None, spatial_dim: int | None = None) -> "ReferenceStats":
+        """self, once check_reference_arrays passes (BadReference names `where` and the file's key)."""
+        check_reference_arrays({"mu": self.mu, "sigma": self.sigma, "mu_s": self.mu_s, "sigma_s": self.sigma_s,
+                                "pool_features": self.pool}, where, pool_dim, spatial_dim)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# reference statistics as read from a file: checked before any work, since a NaN gives "fid": NaN (and can
+# keep scipy's sqrtm busy for minutes on 2048² matrices) and a wrong size fails only after all sampling
+
+def check_reference_arrays(arrays: Mapping[str, np.ndarray | None], where, pool_dim: int | None = None,
+                           spatial_dim: int | None = None) -> None:
+    """Reference arrays by file key (mu, sigma, mu_s, sigma_s, pool_features; absent or None: skipped): all
+    finite, each sigma square and symmetric, each mu 1-D of sigma's side, and of the feature network's
+    dimensions where given (pool_dim: mu, pool_features; spatial_dim: mu_s). Raises BadReference."""
+    dims = {"pool": pool_dim, "spatial": spatial_dim}
+    present = {k: v for k, v in arrays.items() if v is not None}
+    for mu_key, sigma_key, features in STAT_PAIRS:
+        if mu_key in present or sigma_key in present:
+            _check_pair(present, where, mu_key, sigma_key, dims[features], FEATURES[features])
+    if "pool_features" in present:
+        expected = (len(present["mu"]), "'mu' has") if "mu" in present else (pool_dim, f"{FEATURES['pool']} have")
+        _check_pool_features(_real_array(present["pool_features"], where, "pool_features"), where, *expected)
+
+
+def _check_pair(arrays, where, mu_key: str, sigma_key: str, dim: int | None, features: str) -> None:
+    for key in (mu_key, sigma_key):
+        if key not in arrays:
+            other = sigma_key if key == mu_key else mu_key
+            raise BadReference(f"{where}: key {other!r} without {key!r}: a Fréchet distance needs both")
+    mu, sigma = _real_array(arrays[mu_key], where, mu_key), _real_array(arrays[sigma_key], where, sigma_key)
+    if mu.ndim != 1:
+        raise BadReference(f"{where}: key {mu_key!r} has shape {mu.shape}, expected a 1-D mean vector")
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise BadReference(f"{where}: key {sigma_key!r} has shape {sigma.shape}, expected a square covariance")
+    if len(mu) != len(sigma):
+        raise BadReference(f"{where}: key {mu_key!r} has {len(mu)} values but {sigma_key!r} is "
+                           f"{len(sigma)}×{len(sigma)}")
+    if dim is not None and len(mu) != dim:
+        raise BadReference(f"{where}: key {mu_key!r} has {len(mu)} values but {features} have {dim} (statistics "
+                           "of another network or layer?)")
+    asymmetry = float(np.max(np.abs(sigma - sigma.T), initial=0.0))
+    if asymmetry > SYMMETRY_RTOL * float(np.max(np.abs(sigma), initial=0.0)) + SYMMETRY_ATOL:
+        raise BadReference(f"{where}: key {sigma_key!r} is not symmetric (max |S - Sᵀ| = {asymmetry:.3g}); "
+                           "not a covariance matrix")
+
+
+def _check_pool_features(pool: np.ndarray, where, dim: int | None, source: str) -> None:
+    if pool.ndim != 2 or pool.shape[0] <= K_NEIGHBOURS:
+        raise BadReference(f"{where}: key 'pool_features' has shape {pool.shape}, expected (N, D) with "
+                           f"N > {K_NEIGHBOURS} (precision/recall use k={K_NEIGHBOURS} neighbours)")
+    if dim is not None and pool.shape[1] != dim:
+        raise BadReference(f"{where}: key 'pool_features' has {pool.shape[1]} values per image but {source} {dim}")
+
+
+def _real_array(value, where, key: str) -> np.ndarray:
+    """The array if it is real numbers and all finite; else BadReference naming the key."""
+    a = np.asarray(value)
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise BadReference(f"{where}: key {key!r} holds {a.dtype} values, expected real numbers")
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    if bad:
+        raise BadReference(f"{where}: key {key!r} holds {bad} non-finite values (NaN/inf)")
+    return a
 
 
 def inception_score(pool: np.ndarray, logit_weight: torch.Tensor, split_size: int = IS_SPLIT) -> float:

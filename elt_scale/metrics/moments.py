@@ -70,6 +70,7 @@ def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different feature sizes: mean {mu1.shape} vs {mu2.shape}, covariance "
                          f"{sigma1.shape} vs {sigma2.shape} (reference made with another network or layer?)")
+    _require_finite(mu1=mu1, sigma1=sigma1, mu2=mu2, sigma2=sigma2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
@@ -83,3 +84,14 @@ def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _require_finite(**stats: np.ndarray) -> None:
+    """A ValueError naming the first non-finite statistic: scipy's sqrtm can run for minutes on a 2048² matrix
+    holding NaN instead of raising, and the distance would be NaN anyway."""
+    for name, a in stats.items():
+        bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+        if bad:
+            which = "samples'" if name.endswith("1") else "reference's"
+            raise ValueError(f"Fréchet distance: {name} (the {which} statistics) holds {bad} non-finite values "
+                             "(NaN/inf); refusing to compute it")
