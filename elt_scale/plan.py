@@ -9,6 +9,13 @@ batch and a micro-batch hold against an i.i.d. draw (elt_scale/data/mix.py, from
 class counts: `--manifest`, default the recipe's shards when their manifest.json is on this machine).
 `--json` prints the same as JSON.
 
+    elt-plan RECIPE.yaml --schedules [--schedules-png PATH] [key.sub=value ...]
+
+prints instead every schedule of the run over its whole length (elt_scale/schedules.py, the functions the
+trainer calls): lr, lr/peak and ILSD's λ at evenly spaced steps, the L_int distribution and, for masked
+recipes, the masking ratio; `--schedules-png PATH` also draws them (elt_scale/plan_schedules.py). Needs no
+data, manifest, GPU or network.
+
 The memory model (bytes per GPU, Ψ = unique parameters, W = data-parallel ranks):
 
   weights / grads / optimizer   2Ψ / 2Ψ / 12Ψ in bf16 mixed precision (fp32 master + Adam m, v),
@@ -45,6 +52,7 @@ from .config import RecipeError, load_recipe
 from .data.mix import format_plan_mix, plan_mix
 from .models import build_model, param_counts
 from .models.flops import forward_flops, sequence_length, train_flops_per_sample
+from .plan_schedules import format_schedules, schedule_summary, write_schedules_png
 
 GiB = 2**30
 POLICIES = ("none", "loop", "layer")
@@ -263,8 +271,19 @@ def parse_args(argv=None):
     p.add_argument("--manifest", default=None,
                    help="shards (directory, URL or manifest.json) or synthetic:{imagenet,ucf101}-{shuffled,sorted} "
                         "for the batch class mix (default: the recipe's data.shards, when on this machine)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--json", action="store_true", help="print the plan (or with --schedules, the schedules) as JSON")
+    p.add_argument("--schedules", action="store_true",
+                   help="print the run's schedules instead of the cost plan: lr, lr/peak and λ over all steps, "
+                        "the L_int distribution and (masked recipes) the masking ratio; needs no data")
+    p.add_argument("--schedules-png", metavar="PATH", default=None,
+                   help="with --schedules (implies it): also draw them to this PNG (lr with the end of warm-up "
+                        "marked, λ, the L_int distribution, the masking-ratio distribution)")
+    args, rest = p.parse_known_args(argv)     # overrides may also come after the options, as the usage shows
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += rest
+    return args
 
 
 def main(argv=None) -> int:
@@ -274,12 +293,22 @@ def main(argv=None) -> int:
         return 2
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.schedules or args.schedules_png:
+            return print_schedules(recipe, args)
         plan = make_plan(recipe, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.precision, args.headroom)
         plan["batch_mix"] = plan_mix(recipe, args.manifest, plan["global_batch"], plan["micro_batch"])
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"elt-plan: {e}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + "\n\n" + format_plan_mix(plan["batch_mix"]))
+    return 0
+
+
+def print_schedules(recipe, args) -> int:
+    summary = schedule_summary(recipe)
+    print(json.dumps(summary, indent=2) if args.json else format_schedules(summary))
+    if args.schedules_png:
+        print(f"wrote {write_schedules_png(recipe, args.schedules_png)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

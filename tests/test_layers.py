@@ -9,11 +9,12 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "elt_scale"
 LAYERS = [   # lowest first; a module may import its own layer and the ones below
     {"config", "seeding", "dist", "loopspec", "cli", "files"},
-    {"data", "models", "objectives", "ilsd", "tokenizers", "metrics"},
+    {"data", "models", "objectives", "ilsd", "schedules", "tokenizers", "metrics"},
     {"sampling"},
     {"inference"},
     {"engine"},
-    {"train", "sample", "evaluate", "export", "api", "plan", "demo", "reproduce", "study", "__init__"},
+    {"train", "sample", "evaluate", "export", "api", "plan", "plan_schedules", "demo", "reproduce", "study",
+     "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -6,6 +6,11 @@ forward pass leaves for backward is measured the same way under every policy (th
 the last unit's internals: it is not checkpointed); one unit's internals ('recompute') are measured by
 running a loop, or a layer, un-checkpointed under the hooks."""
 import json
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from elt_scale.models import build_model
 from elt_scale.objectives import build_objective
 from elt_scale.plan import PRECISIONS, GiB, activation_parts, make_plan, memory, parameter_counts, state_bytes
 from elt_scale.plan import main as plan_main
+from elt_scale.schedules import Schedules
 from tests.conftest import ROOT
 
 FP32 = PRECISIONS["fp32"]
@@ -185,3 +191,69 @@ def test_other_gpu_count_keeps_the_recipes_global_batch():
     assert (more["micro_batch"], more["global_batch"]) == (8, 512) and "train.micro_batch=8" in more["batch_note"]
     assert more["memory"][0]["activations"] < same["memory"][0]["activations"]
     assert make_plan(recipe, gpus=48, gpu_mem_gib=80)["batch_note"].startswith("train.global_batch=512 is not")
+
+
+# ---------------------------------------------------------------------------------------------
+# elt-plan --schedules
+
+ROW = re.compile(r"^\s+([\d,]+)\s+(\S+e[-+]\d+)\s+([\d.]+)\s+([\d.]+)(\s+← end of warm-up)?$")
+
+
+def elt_plan(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script (what a user types); `python -m` where the venv has none."""
+    script = Path(sys.executable).with_name("elt-plan")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "elt_scale.plan"]
+    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def schedule_rows(out: str) -> dict[int, tuple[float, float, float]]:
+    return {int(m[1].replace(",", "")): (float(m[2]), float(m[3]), float(m[4]))
+            for m in map(ROW.match, out.splitlines()) if m}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
+    assert data[-8:-4] == b"IEND", "PNG is truncated"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_schedules_cli_prints_the_trainers_schedules_and_draws_them(tmp_path):
+    png = tmp_path / "figs" / "schedules.png"
+    r = elt_plan("recipes/digits_masked.yaml", "--schedules", "--schedules-png", str(png))
+    assert r.returncode == 0, r.stderr
+    s = Schedules.of(load_recipe(ROOT / "recipes" / "digits_masked.yaml"))
+    rows = schedule_rows(r.stdout)
+    assert len(rows) >= 10 and min(rows) == 1 and max(rows) == s.steps == 300, r.stdout
+    for step, (lr, factor, lam) in rows.items():        # the printed numbers are the trainer's functions
+        assert lr == pytest.approx(s.lr(step), rel=1e-4), step
+        assert factor == pytest.approx(s.lr_factor(step), abs=1e-4), step
+        assert lam == pytest.approx(s.lam(step), abs=1e-3), step
+    w = s.warmup_steps
+    assert rows[w // 2][0] == pytest.approx(s.peak_lr / 2, rel=1e-4)     # linear warm-up: half-way, half the peak
+    assert rows[w][1] == 1.0 and f"{w:>9,}" in next(line for line in r.stdout.splitlines() if "end of warm-up" in line)
+    assert all(f == pytest.approx(k / w, abs=1e-4) for k, (_, f, _) in rows.items() if k <= w)
+    assert rows[s.steps][1] == pytest.approx(s.min_lr_ratio)             # cosine down to min_lr_ratio
+    lams = [rows[k][2] for k in sorted(rows)]
+    assert lams[0] == 1.0 and lams[-1] <= 1 / s.steps + 1e-3 and lams == sorted(lams, reverse=True)
+    assert "L_int ~ Uniform{1..3} per step" in r.stdout and "L_max 4 is the teacher" in r.stdout
+    assert "mask ratio cos(π/2·r), r ~ U(0,1) per sample: mean 0.64" in r.stdout
+    width, height = png_size(png)
+    assert 800 <= width <= 3000 and 500 <= height <= 2500 and png.stat().st_size > 20_000
+
+
+def test_schedules_need_no_data_and_follow_the_family(tmp_path, capsys):
+    """Paper-scale recipes whose shards are not on this machine; diffusion has no masking ratio."""
+    paper = str(ROOT / "recipes" / "imagenet256_masked_elt_xl_7x4.yaml")
+    assert plan_main([paper, "--schedules"]) == 0
+    rows = schedule_rows(capsys.readouterr().out)
+    assert max(rows) == 675_616 and rows[5000][1] == 1.0 and rows[2500][1] == 0.5
+    diffusion = str(ROOT / "recipes" / "digits_diffusion.yaml")
+    assert plan_main([diffusion, "ilsd.enabled=false", "--schedules", "--schedules-png", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    assert "mask ratio" not in out and "no ILSD: every step runs L_max = 4" in out
+    assert {lam for _, _, lam in schedule_rows(out).values()} == {1.0}
+    assert png_size(tmp_path / "d.png")[0] > png_size(tmp_path / "d.png")[1]      # one row of three panels
+    assert plan_main([diffusion, "--schedules", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["l_int"] == {"low": 1, "high": 3, "p": pytest.approx(1 / 3)} and summary["mask_ratio_mean"] is None
