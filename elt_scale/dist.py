@@ -60,19 +60,8 @@ def init_from_env() -> tuple[int, int]:
     return rank, world
 
 
-class _DropSchedulerNotice:
-    """DeepSpeed reads the LR scheduler at initialize and then warns that it was read before its first step."""
-
-    def filter(self, record) -> bool:
-        return "get learning rate from scheduler before it has started" not in record.getMessage()
-
-
 def quiet_deepspeed() -> None:
     """Before DeepSpeed is first imported: name the accelerator through its own DS_ACCELERATOR switch on a
-    machine without CUDA (else it warns on every start that it found none), and drop its scheduler notice."""
-    import logging
+    machine without CUDA (else it warns on every start that it found none)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropSchedulerNotice) for f in logger.filters):
-        logger.addFilter(_DropSchedulerNotice())

@@ -31,3 +31,18 @@ def free_space(path: str | Path) -> str:
         return f"{shutil.disk_usage(p).free / 2**20:.1f} MiB free"
     except OSError:
         return "free space unknown"
+
+
+WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed", "No space left", "Disk quota",
+                  "Input/output error")
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An OSError, or a RuntimeError in which torch.save reports one (a full disk reads "[enforce fail at
+    inline_container.cc:…] . unexpected pos …" or "PytorchStreamWriter failed writing file …"). Anything else
+    raised while saving is a bug or a crash, not a write failure."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e.__cause__ or e.__context__, OSError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in WRITE_FAILURES)

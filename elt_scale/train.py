@@ -36,20 +36,22 @@ from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
 from .engine.distributed import init_distributed
-from .engine.ds_config import BatchMismatch, make_ds_config
-from .engine.guard import NumericsGuard, NumericsStop, poison, term_flags
-from .engine.live_eval import LiveEval
+from .engine.distributed import SoloTimeout
+from .engine.ds_config import BatchMismatch, make_ds_config, set_lr
+from .engine.guard import AgreedFlags, NumericsGuard, NumericsStop, poison, term_flags
+from .engine.live_eval import EvalSetupError, LiveEval, preflight
 from .engine.logger import Reporter, Throughput, write_run_info
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .engine.resume import ResumeRefused, Started, start_engine
 from .engine.watchdog import StepWatchdog
 from .files import atomic_write_text, free_space
-from .ilsd import draw_l_int, ilsd_lambda, ilsd_loss
+from .ilsd import draw_l_int, ilsd_loss
 from .inference.load import RUN_TOKENIZER
 from .objectives import build_objective
+from .schedules import Schedules
 from .seeding import generator
 
-USER_ERRORS = (RecipeError, FileNotFoundError, ValueError, ds_internals.DeepSpeedMismatch)
+USER_ERRORS = (RecipeError, FileNotFoundError, ValueError, ds_internals.DeepSpeedMismatch, EvalSetupError)
 
 
 def parse_args(argv=None):
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
         manifest, _ = check_data(recipe)     # missing or mismatched shards: before a run dir or DeepSpeed exists
         ds_internals.check()                 # a DeepSpeed whose internals we do not know: before any work
         resume_from = ckpt.find_resume(recipe.train.resume, recipe.run_dir / "ckpt")
+        decoder = preflight(recipe, manifest["tokenizer"])   # eval's reference, Inception file, decoder: now
     except USER_ERRORS as e:
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         print(f"elt-train: {e.line()}; exiting {STORAGE_EXIT_CODE}", file=sys.stderr)
         return STORAGE_EXIT_CODE
     rank, world = init_distributed(recipe.train.collective_timeout_s)
-    status = train(recipe, manifest, resume_from, rank, world)
+    status = train(recipe, manifest, resume_from, rank, world, decoder)
     if status == STORAGE_EXIT_CODE:      # this rank alone: the others are waiting in a collective for it
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(status)                 # no teardown that could wait for them (as the step watchdog)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # one micro-batch, one step
 
-def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: int):
+def train_step(engine, objective, batch, recipe, schedules: Schedules, step: int, rank: int, micro: int):
     """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ).
     Every random draw comes from (seed, step, j), j = rank * grad_accum + micro the micro-batch's place in
     the global batch: the same draws on any layout and after a resume. On the training device, so preparing
@@ -102,7 +105,7 @@ def train_step(engine, objective, batch, recipe, step: int, rank: int, micro: in
     if r.ilsd.enabled:
         l_int = draw_l_int(r.run.seed, step, r.ilsd.min_loops, l_max)     # same on every rank, no comm
         student, teacher = engine(*prepared.inputs, exits=(l_int, l_max))
-        lam = ilsd_lambda(step, r.ilsd.lambda_start, r.ilsd.lambda_end, r.ilsd.lambda_steps or r.train.steps)
+        lam = schedules.lam(step + 1)
     else:
         l_int, lam, student = l_max, 1.0, None
         (teacher,) = engine(*prepared.inputs, exits=(l_max,))
@@ -124,11 +127,12 @@ class StepResult:
     skipped: bool = False                      # DeepSpeed (or GuardedAdamW) skipped the optimizer step
 
 
-def run_step(s: Started, objective, loader, recipe, step: int, rank: int) -> StepResult:
+def run_step(s: Started, objective, loader, recipe, schedules: Schedules, step: int, rank: int) -> StepResult:
     """All micro-batches of one global step on this rank, then the EMA. No host read of device values."""
     out, skipped_before = StepResult(), s.engine.skipped_steps
     for micro in range(recipe.train.grad_accum):
-        loss, terms, out.l_int, out.lam = train_step(s.engine, objective, next(loader), recipe, step, rank, micro)
+        loss, terms, out.l_int, out.lam = train_step(s.engine, objective, next(loader), recipe, schedules, step, rank,
+                                                     micro)
         flags = term_flags(terms)
         out.bad = flags if out.bad is None else torch.maximum(out.bad, flags)
         for k, v in {"loss": loss, **terms}.items():
@@ -137,15 +141,6 @@ def run_step(s: Started, objective, loader, recipe, step: int, rank: int) -> Ste
     if s.ema and not out.skipped:
         s.ema.update()
     return out
-
-
-def agree(bad: torch.Tensor, preempt: bool, write_failed: bool = False) -> list[float]:
-    """Element-wise max over ranks of the numerics flags, the preemption flag and rank 0's failed-write flag:
-    one small all-reduce and the step's one host read of them."""
-    t = torch.cat([bad.float(), *(bad.new_full((1,), float(f), dtype=torch.float32)   # no host->device copy
-                                  for f in (preempt, write_failed))])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def global_row(sums: dict, count: int, counters: dict) -> dict:
@@ -167,11 +162,6 @@ def as_float(x) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # the run
-
-def step_facts(result: StepResult, started: Started, grad_norm, guard) -> dict:
-    return {"lambda": result.lam, "l_int": result.l_int, "lr": started.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm, "skipped_steps": guard.skipped}
-
 
 def save(started: Started, recipe, done: int, loader, result: StepResult, guard) -> None:
     """Collective: the train state as of step `done`, then every rank's checkpoint files."""
@@ -227,7 +217,7 @@ def start_line(recipe, info: dict, world: int, start: int, resume_from) -> str:
             f"steps {start}→{t.steps}" + (f", resumed from {resume_from}" if resume_from else ""))
 
 
-def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
+def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder=None) -> int:
     """The run itself, on an initialised process group. Returns the exit code (0, 2, 3, 69, 74 or 75)."""
     preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
@@ -245,8 +235,10 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
         reporter.say(note, error=True)
     reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
     try:
+        live = LiveEval(recipe, rank, world, decoder, started.engine.device)
+        live.prepare()                           # reference statistics: before step 1, split across ranks
         loader = make_loader(recipe, rank, world, started.state.data_position)
-        return loop(recipe, started, loader, reporter, preempt, manifest, rank, world)
+        return loop(recipe, started, loader, reporter, preempt, live, rank, world)
     except StorageUnavailable as e:              # this rank's reads; the others learn it when it leaves
         print(f"elt-train: rank {rank}: {e.line()}; exiting {STORAGE_EXIT_CODE}: restart the job once the "
               f"storage is back, it resumes from its last checkpoint", file=sys.stderr, flush=True)
@@ -258,34 +250,35 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int) -> int:
         reporter.close()
 
 
-def loop(recipe, started: Started, loader, reporter, preempt, manifest: dict, rank: int, world: int) -> int:
+def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, rank: int, world: int) -> int:
     """The training steps from the resumed step on. Returns 0, 3, 74 (metrics.jsonl unwritable) or 75."""
     t = recipe.train
-    objective = build_objective(recipe)
-    meter, live = Throughput(recipe, world), LiveEval(recipe, rank, world, manifest["tokenizer"])
+    schedules, objective = Schedules.of(recipe), build_objective(recipe)
+    meter, flags = Throughput(recipe, world), AgreedFlags(started.engine.device)
     guard = NumericsGuard(t.max_bad_steps, started.state.skipped_steps, started.state.bad_streak)
     watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank,
                             excused=lambda: loader.in_outage)      # an outage has its own bound (exit 69)
     try:
         for step in range(started.state.step, t.steps):
             done = step + 1
-            result = run_step(started, objective, loader, recipe, step, rank)
+            lr = set_lr(started.engine, schedules.lr(done))         # a function of the step: any layout, skips
+            result = run_step(started, objective, loader, recipe, schedules, step, rank)
             meter.add(t.micro_batch * t.grad_accum * world)
-            *bad, preempted, write_failed = agree(result.bad, preempt.requested, reporter.write_error is not None)
             watchdog.beat(done)
+            flags.launch(done, result.skipped, result.bad, preempt.requested, reporter.write_error is not None)
+            logged = done % t.log_every == 0 or done == t.steps
+            due = logged or live.due(done) or (t.save_every and done % t.save_every == 0)
+            preempted, write_failed = settle(flags, guard, done if due else done - 1)
+            if preempted and not due:                # seen on some rank: this step becomes the last one
+                preempted, write_failed = settle(flags, guard, done, preempted, write_failed)
             if write_failed:                         # rank 0's, agreed: every rank stops here
                 return metrics_failed(reporter, recipe)
-            preempted = preempted > 0 and done < t.steps             # on the last step: just finish
-            grad_norm = as_float(started.engine.get_global_grad_norm())
-            try:
-                guard.after_step(done, result.skipped, bad, grad_norm)
-            except NumericsStop as e:
-                reporter.say(f"stopping: {e}", error=True)
-                return 3
-            if done % t.log_every == 0 or done == t.steps or preempted:          # the same on every rank
+            preempted = preempted and done < t.steps                 # on the last step: just finish
+            if logged or preempted:                  # the same on every rank
                 row = global_row(result.sums, world * t.grad_accum, loader.counters())
-                reporter.log({"step": done, **row, **step_facts(result, started, grad_norm, guard),
-                              **meter.read(), "world_size": world})
+                reporter.log({"step": done, **row, "lambda": result.lam, "l_int": result.l_int, "lr": lr,
+                              "grad_norm": as_float(started.engine.get_global_grad_norm()),
+                              "skipped_steps": guard.skipped, **meter.read(), "world_size": world})
             reporter.tick()
             if not preempted:                        # a preempted job saves and leaves: no sampling first
                 with watchdog.paused():              # sampling is not a slow step
@@ -297,12 +290,25 @@ def loop(recipe, started: Started, loader, reporter, preempt, manifest: dict, ra
                 reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
                              f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", error=True)
                 return PREEMPT_EXIT_CODE
+    except NumericsStop as e:
+        reporter.say(f"stopping: {e}", error=True)
+        return 3
     finally:
         watchdog.stop()
     if reporter.write_error:                         # the last step's row (rank 0): the run is done otherwise
         return metrics_failed(reporter, recipe)
     reporter.say(f"finished {t.steps} steps, {guard.skipped} skipped; run in {recipe.run_dir}")
     return 0
+
+
+def settle(flags: AgreedFlags, guard: NumericsGuard, through: int, preempted: bool = False,
+           write_failed: bool = False) -> tuple[bool, bool]:
+    """The agreed flags of the steps up to `through` into the numerics guard (which may raise NumericsStop)
+    -> whether any of them saw a preemption signal or rank 0's failed write (or'ed into the given ones)."""
+    for step, skipped, bad, p, w in flags.settle(through):
+        guard.after_step(step, skipped, bad)
+        preempted, write_failed = preempted or p, write_failed or w
+    return preempted, write_failed
 
 
 def metrics_failed(reporter, recipe) -> int:

@@ -220,7 +220,7 @@ def shape_mismatch(saved: dict | None, shapes: dict) -> str | None:
 
 
 def load_same_world(engine, folder: Path) -> TrainState:
-    """Full restore (weights, optimizer, LR schedule) through DeepSpeed; returns our train state
+    """Full restore (weights, optimizer) through DeepSpeed; returns our train state
     (client_state.json: DeepSpeed hands its own copy back only where the rank's file holds one)."""
     path, ds_client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
@@ -228,10 +228,3 @@ def load_same_world(engine, folder: Path) -> TrainState:
     if ds_client and "rng" in ds_client:    # our randomness is a function of the step; restored for others'
         set_rng_state(ds_client["rng"])
     return TrainState.read(folder)
-
-
-def restore_schedule(engine, scheduler, step: int) -> None:
-    """After a cross-world resume: continue the LR schedule and DeepSpeed's step counter at `step`."""
-    engine.global_steps = step
-    if scheduler is not None and step > 0:
-        scheduler.step(step - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -53,3 +54,44 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     with contextlib.redirect_stdout(io.StringIO()):      # DeepSpeed prints "... built successfully" each start
         deepspeed.init_distributed(dist_backend=backend(), timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class SoloTimeout(RuntimeError):
+    """The ranks waiting for one rank's solo work gave up (its message names the rank and the work)."""
+
+
+_solo_calls = 0
+
+
+def solo(work, what: str, deadline_s: float, src: int = 0):
+    """Run `work()` on rank `src` alone while the other ranks wait for it through the rendezvous store, not in
+    a collective: a collective's deadline (train.collective_timeout_s) is for peers that should arrive
+    together, and one rank's solo work (a checkpoint conversion, reference statistics) can take far longer.
+    The waiters poll a counter once a second (one store read each, so thousands of ranks cost the store
+    little) and give up after `deadline_s` with SoloTimeout naming the rank; a worker that dies takes the
+    store down with it (rank 0) or never arrives. An exception on the worker is raised there and reported on
+    every other rank. Returns work()'s value on `src`, None elsewhere; world 1 just runs it."""
+    global _solo_calls
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    _solo_calls += 1                                  # every rank calls solo() in the same order
+    store = dist.PrefixStore(f"elt_solo/{_solo_calls}", dist.distributed_c10d._get_default_store())
+    if dist.get_rank() == src:
+        try:
+            result = work()
+        except BaseException as e:
+            store.set("error", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            raise
+        store.set("done", "1")
+        return result
+    waited, start = 0.0, time.monotonic()
+    while not store.check(["done"]) and not store.check(["error"]):
+        waited = time.monotonic() - start
+        if waited > deadline_s:
+            raise SoloTimeout(f"rank {src} has been {what} for {waited:.0f} s, longer than {deadline_s:g} s "
+                              f"(train.watchdog_first_s): treating it as hung")
+        time.sleep(1.0)
+    if store.check(["error"]):
+        raise RuntimeError(f"rank {src} failed while {what}: {store.get('error').decode()}")
+    return None

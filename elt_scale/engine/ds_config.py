@@ -1,4 +1,5 @@
-"""Recipe -> DeepSpeed config dict (ZeRO stage, batch arithmetic, precision, LR schedule)."""
+"""Recipe -> DeepSpeed config dict (ZeRO stage, batch arithmetic, precision) and the optimizer. The learning
+rate is not DeepSpeed's scheduler's: `set_lr` writes elt_scale/schedules.py's value before every update."""
 from __future__ import annotations
 
 import copy
@@ -40,6 +41,10 @@ def own_clip(recipe) -> bool:
 
 def make_ds_config(recipe, world: int) -> dict:
     t, d = recipe.train, recipe.deepspeed
+    if "scheduler" in d.extra:     # a second schedule would fight set_lr's every step
+        raise BatchMismatch("deepspeed.extra.scheduler: the learning-rate schedule is train.lr, train.warmup_steps "
+                            "and train.min_lr_ratio (linear warm-up, then cosine: elt-plan RECIPE --schedules "
+                            "shows it); remove deepspeed.extra.scheduler")
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
         # one rank has no communication to overlap, and the side stream cost 5-15% of an H200 step (bench/RESULTS.md)
@@ -57,13 +62,20 @@ def make_ds_config(recipe, world: int) -> dict:
         "gradient_clipping": 0.0 if own_clip(recipe) else t.grad_clip,
         "bf16": {"enabled": bf16_enabled(recipe)},
         "zero_optimization": zero,
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
-            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio}},
         "steps_per_print": 10**9,           # we log ourselves
         "wall_clock_breakdown": False,
     }
     return merge(cfg, d.extra)
+
+
+def set_lr(engine, lr: float) -> float:
+    """Write `lr` into every param group of the optimizer that takes the step (under ZeRO/bf16 the torch
+    optimizer DeepSpeed wraps); returns the value now in force, read back from the optimizer."""
+    opt = engine.optimizer
+    groups = opt.param_groups if opt is not None else []
+    for g in groups:
+        g["lr"] = lr
+    return groups[0]["lr"] if groups else lr
 
 
 def make_optimizer(recipe, model):

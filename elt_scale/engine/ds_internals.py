@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..dist import quiet_deepspeed
+from ..files import is_write_error
 
 TESTED = ((0, 19, 8), (0, 20, 0))       # [low, high): the versions these internals were read in
 TESTED_TEXT = ">=0.19.8,<0.20"           # as pyproject.toml declares it
@@ -141,6 +142,8 @@ def _keeping(write, errors: list):
         try:
             return write(*args, **kwargs)
         except (OSError, RuntimeError) as e:     # torch.save reports a failed write as RuntimeError
+            if not is_write_error(e):            # a bug, not a full disk: a crash, not exit 74
+                raise
             errors.append(e)
     return kept
 

@@ -10,22 +10,56 @@ whole evaluation), and the grids and metrics to wandb. Sampling, gathering and s
 The weights are the EMA when the run keeps one, else the fp32 master weights. Each rank owns disjoint
 fragments of them (ds_internals.fp32_fragment), so one all-reduce of a zero-filled flat buffer gives every
 rank the full tensors in a separate eval copy of the model: training state is never touched. Batch b goes
-to rank b % world and depends only on (eval.seed, b), so the images do not depend on the number of ranks,
-and rank 0 gathers, writes and scores them."""
+to rank b % world and depends only on (eval.seed, b), so the images do not depend on the number of ranks;
+rank 0 gathers and writes them. ADM's suite is computed where the images are: each rank extracts the
+Inception features of its own batches and rank 0 merges them (elt_scale/inference/features.py), and the
+reference statistics are loaded or computed (split across ranks, cached) before step 1 (`prepare`), so the
+first evaluation costs what later ones cost and no rank waits in a collective for another's solo work.
+
+What evaluation will need later (the reference, the Inception file, the tokenizer's decoder) is checked
+before anything is trained (`preflight`, exit 2 on a bad path)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..inference.outputs import save_grid
+from ..inference.reference import check_reference
 from ..inference.samples import SampleSet, gather_set, sample_set
 from ..inference.scoring import Scorer, is_digits
 from ..models import build_model
 from ..sampling import parse_loop_list
 from ..tokenizers import tokenizer_from_manifest
+from .distributed import solo
 from .ds_internals import fp32_fragment, full_shape
+
+
+class EvalSetupError(ValueError):
+    """A path or file in-training evaluation needs is missing or bad (one line; exit 2 before step 1)."""
+
+
+def preflight(recipe, tokenizer: dict):
+    """Before step 1, on every rank: the files evaluation will read are there and sound. Returns the
+    tokenizer's decoder for sampling (None when eval.every=0), or raises EvalSetupError naming the key."""
+    c = recipe.eval
+    if c.every <= 0:
+        return None
+    if c.reference:                     # (the recipe check already asks for eval.inception_weights beside it)
+        try:
+            check_reference(c.reference)
+        except (OSError, ValueError) as e:
+            raise EvalSetupError(f"eval.reference: {e}") from e
+    if c.inception_weights and not Path(c.inception_weights).is_file():
+        raise EvalSetupError(f"eval.inception_weights={c.inception_weights}: no such file")
+    try:
+        return tokenizer_from_manifest({"tokenizer": tokenizer})
+    except Exception as e:     # noqa: BLE001 -- any loader error (diffusers, hub id, file) is a bad set-up
+        raise EvalSetupError(f"the tokenizer that decodes eval samples ({tokenizer.get('name', tokenizer)}) "
+                             f"cannot be loaded: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
 
 
 def fp32_fragments(module: torch.nn.Module, ema, rank: int, world: int) -> dict[str, tuple[int, torch.Tensor]]:
@@ -52,11 +86,21 @@ def full_weights(module: torch.nn.Module, ema, rank: int, world: int, device) ->
 
 
 class LiveEval:
-    def __init__(self, recipe, rank: int, world: int, tokenizer: dict):
-        self.recipe, self.cfg, self.rank, self.world, self.tokenizer = recipe, recipe.eval, rank, world, tokenizer
+    def __init__(self, recipe, rank: int, world: int, decoder, device):
+        self.recipe, self.cfg, self.rank, self.world, self.decoder = recipe, recipe.eval, rank, world, decoder
         self.schedules = parse_loop_list(self.cfg.loops or f"1-{recipe.model.loops}", recipe.model.loops)
-        self.model = self.decoder = None
-        self.scorer = Scorer(self.cfg.reference or None, self.cfg.inception_weights or None)
+        self.model = None
+        self.scorer = Scorer(self.cfg.reference or None, self.cfg.inception_weights or None, rank=rank,
+                             world=world, device=device, batch_size=self.cfg.batch_size)
+
+    def prepare(self) -> None:
+        """Collective, before step 1: the reference statistics of ADM's suite, computed across ranks (and
+        cached) or loaded. Rank 0's own part (merging, the statistics, the cache file) is waited for through
+        the store, not in the next collective, whose deadline it could outlast."""
+        if self.cfg.every > 0 and self.cfg.reference:
+            self.scorer.prepare_reference()
+            solo(lambda: None, f"computing the reference statistics of {self.cfg.reference}",
+                 self.recipe.train.watchdog_first_s)
 
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
@@ -72,7 +116,8 @@ class LiveEval:
             mine = sample_set(model, self.recipe, schedule, c.num, self.decoder, c.cfg, c.steps or None, c.sampler,
                               c.seed, c.batch_size, rank=self.rank, world=self.world, progress=False,
                               classes=c.classes or None)
-            sets[schedule] = gather_set(mine, self.rank, self.world)
+            suite = self._adm_suite(mine)                  # collective: every rank scores its own batches
+            sets[schedule] = (gather_set(mine, self.rank, self.world), suite)
         if self.rank == 0:
             self._report(step, sets, time.perf_counter() - start, reporter)
 
@@ -80,7 +125,6 @@ class LiveEval:
         if self.model is None:
             with torch.random.fork_rng(devices=[]):     # building draws initial weights: leave training's RNG be
                 self.model = build_model(self.recipe).to(engine.device).eval()
-            self.decoder = tokenizer_from_manifest({"tokenizer": self.tokenizer})
         state = full_weights(engine.module, ema, self.rank, self.world, engine.device)
         wanted = self.model.state_dict().keys()          # buffers are never partitioned: take them as they are
         state.update({n: b for n, b in engine.module.named_buffers() if n in wanted})
@@ -91,19 +135,44 @@ class LiveEval:
         folder = self.recipe.run_dir / "samples" / f"step_{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         rows, grids = [], {}
-        for schedule, s in sets.items():
+        for schedule, (s, suite) in sets.items():
             grids[schedule.label] = save_grid(folder / f"grid_{schedule.label}", s.images)
-            rows.append({"step": step, "eval_L": schedule.spec, **self._score(s),
+            rows.append({"step": step, "eval_L": schedule.spec, **(suite or self._score(s)),
                          "loops_per_step": round(s.loops_per_step, 4),
                          "gflops_per_sample": s.gflops_per_sample, "eval_s": round(eval_s, 3)})
         reporter.log_eval(step, rows, grids, eval_s)
         reporter.say(f"eval at step {step}: {len(rows)} loop counts in {eval_s:.1f}s -> {folder}")
 
+    def _uses_adm(self, images, device) -> bool:
+        """Images (not videos, not the digits) with a reference: decided from the images, agreed across ranks
+        (a rank with no batch has none to look at) - every rank must take the same branch."""
+        if not self.cfg.reference:
+            return False
+        mine = -1.0 if len(images) == 0 else float(images.ndim == 4 and not is_digits(images,
+                                                                                     self.recipe.model.num_classes))
+        if self.world == 1:
+            return mine > 0
+        t = torch.tensor([mine], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _adm_suite(self, mine: SampleSet) -> dict | None:
+        """ADM's suite of the whole set, each rank feeding the batches it sampled (rank 0 gets the values)."""
+        if not self._uses_adm(mine.images, self.scorer.device):
+            return None
+        batch = self.cfg.batch_size
+
+        def own_batches(keep):             # sample batch b lives on rank b % world: the keep() of features.py
+            ids = mine.index // batch
+            for b in np.unique(ids):
+                if keep(int(b)):
+                    yield int(b), mine.images[ids == b]
+        record = self.scorer.adm_of(own_batches, self.cfg.num)
+        return None if record is None else {k: record[k] for k in ("is", "fid", "sfid", "precision", "recall")
+                                            if record[k] is not None}
+
     def _score(self, s: SampleSet) -> dict[str, float]:
-        """Digits metrics for 8×8 digit models, ADM's suite with a configured reference (scored here, on rank 0
-        alone: the Scorer's world is 1), else nothing."""
+        """Digits metrics for 8×8 digit models (rank 0: they are cheap), else nothing (ADM's suite is _adm_suite's)."""
         if is_digits(s.images, self.recipe.model.num_classes):
             return self.scorer(s.images, s.labels, "digits")
-        if self.cfg.reference and s.images.ndim == 4:
-            return self.scorer(s.images, s.labels, "fid")
         return {}

@@ -29,7 +29,6 @@ class ResumeRefused(ValueError):
 @dataclass
 class Started:
     engine: object                  # deepspeed.DeepSpeedEngine (model inside: engine.module)
-    scheduler: object
     ema: ShardedEMA | None
     state: TrainState               # for this run's layout; step 0 when fresh
     notes: list[str] = field(default_factory=list)   # what rank 0 should tell the user about the resume
@@ -54,15 +53,15 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
     if recipe.train.compile:
         model.trunk.compile_block()
     optimizer = None if "optimizer" in ds_config else make_optimizer(recipe, model)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     notes = []
     if same_layout:
         state = ckpt.load_same_world(engine, resume_from)
     elif saved:
-        how = universal.load(engine, resume_from, stage)
+        how = universal.load(engine, resume_from, stage, recipe.train.watchdog_first_s)
         notes.append(f"optimizer state from layout (world {saved.world_size}, ZeRO-{saved.zero_stage}) loaded by {how}")
-        ckpt.restore_schedule(engine, scheduler, saved.step)
+        engine.global_steps = saved.step      # DeepSpeed's own counter (the lr is a function of the step)
         state = saved
     else:
         state = TrainState(wandb_id=new_wandb_id())
@@ -74,4 +73,4 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
             ema.load(resume_from)
         else:
             notes.append(f"WARNING {resume_from} holds no EMA; it starts from the resumed weights")
-    return Started(engine, scheduler, ema, state, notes)
+    return Started(engine, ema, state, notes)

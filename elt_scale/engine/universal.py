@@ -17,17 +17,20 @@ BF16_Optimizer, which we do not load into: there the moments restart (stderr say
 Trusted input: the per-parameter files are unpickled."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..inference.weights import read_client
 from .ds_config import merge
+from .distributed import solo
 from .ds_internals import adam_step, load_zero3, load_zero12
 
 UNIVERSAL = "universal"
@@ -53,38 +56,75 @@ def universal_config(ds_config: dict, resume_from: Path, zero_stage: int) -> dic
     return ds_config
 
 
-def convert(folder: Path) -> Path:
-    """`folder`/universal, converted once by rank 0 (the others wait, and fail with it rather than hang);
-    written under a temporary name and renamed, so a folder of that name is complete and reused later."""
-    out, error = Path(folder) / UNIVERSAL, None
-    if dist.get_rank() == 0 and not out.exists():
-        try:
-            run_ds_to_universal(Path(folder), out)
-        except Exception as e:            # noqa: BLE001 -- re-raised below, after telling the other ranks
-            error = e
-    failed = [error is not None]
-    dist.broadcast_object_list(failed, src=0)
-    if error is not None:
-        raise error
-    if failed[0]:
-        raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint (see its log)")
+def convert(folder: Path, deadline_s: float) -> Path:
+    """`folder`/universal, converted once by rank 0 while the others wait through the store (solo: no
+    collective deadline to trip, however long it takes); written under a temporary name and renamed, so a
+    folder of that name is complete and reused later."""
+    out = Path(folder) / UNIVERSAL
+    solo(lambda: out.exists() or run_ds_to_universal(Path(folder), out), f"converting {folder} to a universal "
+         f"checkpoint", deadline_s)
     return out
 
 
 def run_ds_to_universal(folder: Path, out: Path) -> None:
-    for stale in folder.glob(f".{UNIVERSAL}.tmp*"):                # from a conversion killed half-way
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
-    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
-    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-                        "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
-                        "--num_merge_workers", workers], capture_output=True, text=True)
+    """DeepSpeed's converter in a process of its own session, so that it outlives this trainer: a trainer
+    restarted while a conversion runs (a crash, a watchdog exit, a launcher restart on the same node) finds
+    it through `.universal.lock` and waits for it instead of starting over. A conversion that died with its
+    node starts over (ds_to_universal cannot continue a half-written output)."""
+    lock = folder / f".{UNIVERSAL}.lock"
+    owner = alive_owner(lock)
+    if owner is None:
+        for stale in folder.glob(f".{UNIVERSAL}.tmp*"):            # from a conversion killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
+        log = folder / f".{UNIVERSAL}.log"
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+        with open(log, "w") as out_log:
+            proc = subprocess.Popen([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                     str(folder), "--output_folder", str(tmp), "--inject_missing_state",
+                                     "--num_extract_workers", workers, "--num_merge_workers", workers],
+                                    stdout=out_log, stderr=subprocess.STDOUT, start_new_session=True)
+        lock.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "tmp": tmp.name}))
+        code = proc.wait()
+    else:
+        pid, tmp = owner
+        print(f"elt-train: a conversion of {folder} started by an earlier attempt (pid {pid}) is still running; "
+              f"waiting for it", file=sys.stderr, flush=True)
+        while pid_alive(pid):
+            time.sleep(1.0)
+        code = 0 if (tmp / "zero").is_dir() else 1
+    lock.unlink(missing_ok=True)
     (folder / "latest_universal").unlink(missing_ok=True)          # its pointer names the temporary folder
-    if r.returncode != 0:
+    if code != 0:
+        said = (folder / f".{UNIVERSAL}.log").read_text()[-3000:] if (folder / f".{UNIVERSAL}.log").exists() else ""
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"ds_to_universal failed on {folder}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"ds_to_universal failed on {folder}:\n{said}")
     as_zero12_files(tmp / "zero", read_client(folder).get("model_shapes") or {})
     os.replace(tmp, out)
+
+
+def alive_owner(lock: Path) -> tuple[int, Path] | None:
+    """(pid, its output folder) of a conversion still running on this host, from its lock file."""
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    if owner.get("host") != socket.gethostname() or not pid_alive(owner["pid"]):
+        return None
+    return owner["pid"], lock.parent / owner["tmp"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:                                   # our own child that exited: reap it (a zombie still "exists")
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
 
 
 def as_zero12_files(states: Path, shapes: dict) -> None:
@@ -97,7 +137,7 @@ def as_zero12_files(states: Path, shapes: dict) -> None:
                 torch.save({"param": t.view(shape)}, f)
 
 
-def load(engine, resume_from: Path, zero_stage: int) -> str:
+def load(engine, resume_from: Path, zero_stage: int, deadline_s: float) -> str:
     """Collective, after `deepspeed.initialize` (with `universal_config`) and the consolidated weights:
     fp32 master weights, Adam moments and step counts of a checkpoint saved under another layout. Returns how."""
     source = source_stage(resume_from)
@@ -105,7 +145,7 @@ def load(engine, resume_from: Path, zero_stage: int) -> str:
         return RESTARTED
     if zero_stage == 0 and engine.bfloat16_enabled():
         return RESTARTED_BF16
-    folder = convert(resume_from)
+    folder = convert(resume_from, deadline_s)
     if deepspeed_loads(source, zero_stage):
         path, _ = engine.load_checkpoint(str(resume_from), tag=UNIVERSAL)
         if path is None:

@@ -66,17 +66,24 @@ class Scorer:
     def adm(self, images) -> dict | None:
         """ADM's suite with its provenance (rank 0; None on the others): {'is', 'fid', 'sfid', 'precision',
         'recall', 'num_samples', 'reference', 'reference_stats', 'reference_pr_images',
-        'inception_weights', 'inception_sha256'}. `images`: uint8 (N, H, W, 3), a memory map or NpzStream."""
-        from ..metrics import adm_metrics
-        from .features import array_batches, extract_features
+        'inception_weights', 'inception_sha256'}. `images`: uint8 (N, H, W, 3), a memory map or NpzStream,
+        the same on every rank (each takes its share of the batches)."""
+        from .features import array_batches
 
         if getattr(images, "ndim", len(getattr(images, "shape", ()))) != 4:
             raise ValueError(f"FID/IS/sFID/precision/recall are for images (N, H, W, 3), got shape "
                              f"{tuple(images.shape)}; videos are scored with fvd")
+        return self.adm_of(array_batches(images, self.batch_size), len(images))
+
+    def adm_of(self, batches, total: int) -> dict | None:
+        """As `adm`, from a features.Batches source: each rank feeds the batches it holds (b ≡ rank mod world),
+        e.g. the samples it generated itself, so no rank needs the others' images."""
+        from ..metrics import adm_metrics
+        from .features import extract_features
+
         net, sha = self._inception()
-        reference = self._adm_reference()
-        features = extract_features(array_batches(images, self.batch_size), net, self.device, self.rank,
-                                    self.world, len(images), "sample features")
+        reference = self.prepare_reference()
+        features = extract_features(batches, net, self.device, self.rank, self.world, total, "sample features")
         if self.rank != 0:
             return None
         values = adm_metrics(features, reference.stats, net.logit_weight, distances=self.pr_distances,
@@ -85,6 +92,11 @@ class Scorer:
         return {**values, "num_samples": len(features.pool), "reference": reference.where,
                 "reference_stats": reference.kind, "reference_pr_images": pr_images,
                 "inception_weights": str(self.inception_weights), "inception_sha256": sha}
+
+    def prepare_reference(self):
+        """The reference statistics, loaded or computed (split across ranks, cached) once; collective under
+        world > 1 the first time. Rank 0 gets the Reference, the others None."""
+        return self._adm_reference()
 
     def _get(self, key: str, make):
         if key not in self._cache:
