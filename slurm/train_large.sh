@@ -20,11 +20,17 @@
 # Faults: every attempt is one `srun --kill-on-bad-exit=1` step, so one dead rank ends all of them at
 # once. A failed attempt (a rank killed, OOM, a collective timeout, the step watchdog) is restarted in
 # the same allocation as a new step on a new rendezvous port, resuming from the last complete
-# checkpoint, up to $ELT_MAX_RESTARTS times (default 3; counted in <log dir>/restarts, which survives
-# requeues); that includes exit 69 (storage unreachable for data.io_retry_s: the restart resumes once it
-# is back). Exit 2 (bad recipe/data), 3 (numerics guard) and 74 (a checkpoint or log could not be written:
-# disk full, quota) are never retried. When the allocation itself is broken (a node down, srun cannot
-# start the step) the job requeues instead (also counted).
+# checkpoint, up to $ELT_MAX_RESTARTS times (default 3); that includes exit 69 (storage unreachable for
+# data.io_retry_s: the restart resumes once it is back). Exit 2 (bad recipe/data), 3 (numerics guard) and
+# 74 (a checkpoint or log could not be written: disk full, quota) are never retried. When the allocation
+# itself is broken (a node down, srun cannot start the step) the job requeues instead (also counted).
+#
+# The restart budget belongs to one submission of the job, kept across its requeues, not to its job id:
+# ids start again at 1 on a re-created cluster, and a new job must not inherit an old job's count. It is
+# counted in <log dir>/restarts.<submitted>, <submitted> being the SubmitTime (YYYYMMDDTHHMMSS) that the
+# job's first run sees (SLURM_RESTART_COUNT unset: a new submission); <log dir>/restarts links to it. A
+# requeued run (SLURM_RESTART_COUNT >= 1) follows that link back to its submission's count: it cannot ask
+# Slurm, which resets SubmitTime at every requeue. The batch log names the submission it counts for.
 #
 # Cluster settings (modules, venv, NCCL/GLOO interfaces, IB HCAs) live in an env file, not here:
 # $ELT_ENV_FILE, else slurm/env.sh if present (see slurm/env.example.sh).
@@ -50,7 +56,7 @@ NEVER_RETRIED=(2 3 74) # bad recipe/data/resume path, numerics guard, disk full:
 MAX_RESTARTS="${ELT_MAX_RESTARTS:-3}"
 
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^# Defaults a user edits/p' "${BASH_SOURCE[0]}" | head -n -2 | sed 's/^# \{0,1\}//'
   exit 2
 fi
 
@@ -102,8 +108,22 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 mkdir -p "$LOG_DIR"
-RESTARTS_FILE="$LOG_DIR/restarts"     # restarts so far, across requeues of this job
 SRUN_ERR="$LOG_DIR/srun.err"          # srun's own messages of the last attempt: which task ended how
+
+# Which submission of this job id the restart budget is counted for (see the header): the SubmitTime of
+# its first run, recorded as the target of the link <log dir>/restarts for its requeued runs.
+RESTARTS_LINK="$LOG_DIR/restarts"
+if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ] && [[ "$(readlink "$RESTARTS_LINK" 2>/dev/null)" =~ ^restarts\.([0-9]{8}T[0-9]{6})$ ]]; then
+  SUBMITTED="${BASH_REMATCH[1]}"       # requeued: the submission its first run recorded
+else                                   # a new submission (or a requeue that never ran this far): start at 0
+  SUBMITTED=$(squeue -h -j "$SLURM_JOB_ID" -o %V 2>/dev/null | head -n 1) || true
+  [[ "$SUBMITTED" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}$ ]] || SUBMITTED=$(date +%FT%T)
+  SUBMITTED="${SUBMITTED//[-:]/}"
+  echo 0 > "$LOG_DIR/restarts.$SUBMITTED"
+  ln -sfn "restarts.$SUBMITTED" "$RESTARTS_LINK"
+fi
+RESTARTS_FILE="$LOG_DIR/restarts.$SUBMITTED"  # restarts so far, across requeues of this submission
+INSTANCE="job $SLURM_JOB_ID submitted ${SUBMITTED:0:4}-${SUBMITTED:4:2}-${SUBMITTED:6:2}T${SUBMITTED:9:2}:${SUBMITTED:11:2}:${SUBMITTED:13:2}"
 
 # The checkpoint a restart resumes from, for the log ("step N (...)"); needs only the recipe.
 resume_point() {
@@ -136,6 +156,7 @@ requeue() {
 }
 
 restarts=$(cat "$RESTARTS_FILE" 2>/dev/null || echo 0)
+echo "train_large.sh: restart budget of $INSTANCE: $restarts of $MAX_RESTARTS used (ELT_MAX_RESTARTS), counted in $RESTARTS_FILE"
 while true; do
   # A new rendezvous port per attempt: the last one may still be held by a dying rank's socket.
   export MASTER_PORT=$((20000 + (SLURM_JOB_ID + 101 * restarts) % 20000))
@@ -161,15 +182,15 @@ while true; do
   cause=$(task_exits | head -n 3 | paste -sd ';' -)
   cause="srun exited $rc${cause:+ ($cause)}"
   if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
-    echo "train_large.sh: $cause; giving up after $restarts restart(s) (ELT_MAX_RESTARTS=$MAX_RESTARTS):" \
+    echo "train_large.sh: $cause; giving up after $restarts restart(s) (ELT_MAX_RESTARTS=$MAX_RESTARTS) of $INSTANCE:" \
          "the run keeps failing (a crash loop?); see $LOG_DIR/, fix the cause, then resubmit to resume"
     exit "$rc"
   fi
   restarts=$((restarts + 1))
   echo "$restarts" > "$RESTARTS_FILE"
   if allocation_broken || [ -z "$(task_exits)" ]; then     # no task ran to an exit: srun could not start
-    requeue "$cause; the allocation is broken (a node down, or the step could not launch): restart $restarts of $MAX_RESTARTS"
+    requeue "$cause; the allocation is broken (a node down, or the step could not launch): restart $restarts of $MAX_RESTARTS of $INSTANCE"
   fi
-  echo "train_large.sh: $cause; restart $restarts of $MAX_RESTARTS (ELT_MAX_RESTARTS) in this allocation," \
+  echo "train_large.sh: $cause; restart $restarts of $MAX_RESTARTS (ELT_MAX_RESTARTS) of $INSTANCE in this allocation," \
        "resuming from $(resume_point) at $(date -u +%FT%TZ)"
 done
