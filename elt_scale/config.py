@@ -96,10 +96,11 @@ class TrainConfig:
     ema_decay: float = 0.0
     max_bad_steps: int = 5
     compile: bool = False
-    collective_timeout_s: float = 600  # a collective waiting longer for a peer fails (the job restarts)
+    collective_timeout_s: float = 600  # a collective waiting longer for a peer fails (the job restarts); at least data.io_retry_s + io_timeout_s
     watchdog_factor: float = 20       # a step slower than this x the median step exits the rank (0 = off)
     watchdog_min_s: float = 180       # ... but never before this many seconds
     watchdog_first_s: float = 1800    # the first step's allowance (compilation, warm-up)
+    heartbeat_timeout_s: float = 30   # a rank silent this long ends the job on every rank (0 = off)
 
 
 @dataclass
@@ -318,6 +319,8 @@ def validate(r: Recipe) -> None:
     _check(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "> 0")
     for key in ("watchdog_factor", "watchdog_min_s", "watchdog_first_s"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0")
+    _check(t.heartbeat_timeout_s == 0 or t.heartbeat_timeout_s >= 3, "train.heartbeat_timeout_s",
+           t.heartbeat_timeout_s, "0 (off) or >= 3 (ranks beat every second)")
     d = r.deepspeed
     _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "0, 1, 2, 3")
     # DeepSpeed documents these for those stages only and quietly ignores them at the others

@@ -4,7 +4,7 @@
     python -m elt_scale.train RECIPE.yaml train.steps=200
     deepspeed --num_gpus 8 --module elt_scale.train RECIPE.yaml deepspeed.zero_stage=2
 
-Writes <run.out_dir>/<run.name>/{recipe.yaml, tokenizer.json, run_info.json, metrics.jsonl, ckpt/}. A run
+Writes <run.out_dir>/<run.name>/{recipe.yaml, tokenizer.json, run_info.json, metrics.jsonl, goodput.json, ckpt/}. A run
 directory that already holds a checkpoint is resumed (train.resume=auto|never|PATH), also on another world
 size. Exit codes:
     0   done
@@ -15,7 +15,8 @@ size. Exit codes:
     74  a checkpoint, metrics.jsonl or the run directory could not be written (disk full, quota, EIO); the
         last complete checkpoint is kept; free space, then rerun (elt_scale/engine/checkpoint.py; never retried)
     75  preempted: checkpoint saved; requeue it (elt_scale/engine/preemption.py)
-    124 a stalled step (elt_scale/engine/watchdog.py)
+    124 a stalled step (elt_scale/engine/watchdog.py) or a silent rank: stopped, dead or cut off, seen by the
+        heartbeats within train.heartbeat_timeout_s (elt_scale/engine/heartbeat.py)
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ from .data.transport import STORAGE_EXIT_CODE, StorageUnavailable
 from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
-from .engine.distributed import init_distributed
-from .engine.distributed import SoloTimeout
+from .engine.distributed import collective_deadline_s, init_distributed
 from .engine.ds_config import BatchMismatch, make_ds_config, set_lr
+from .engine.goodput import Ledger, summary_line
 from .engine.guard import AgreedFlags, NumericsGuard, NumericsStop, poison, term_flags
+from .engine.heartbeat import Heartbeat
 from .engine.live_eval import EvalSetupError, LiveEval, preflight
 from .engine.logger import Reporter, Throughput, write_run_info
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
@@ -76,8 +78,12 @@ def main(argv=None) -> int:
     except StorageUnavailable as e:
         print(f"elt-train: {e.line()}; exiting {STORAGE_EXIT_CODE}", file=sys.stderr)
         return STORAGE_EXIT_CODE
-    rank, world = init_distributed(recipe.train.collective_timeout_s)
-    status = train(recipe, manifest, resume_from, rank, world, decoder)
+    rank, world = init_distributed(collective_deadline_s(recipe))
+    ledger = Ledger(recipe.run_dir, rank)                   # from this process's start: imports count
+    heartbeat = Heartbeat(rank, world, recipe.train.heartbeat_timeout_s, lambda: ledger.phase,
+                          lambda: ledger.last_step)
+    status = train(recipe, manifest, resume_from, rank, world, decoder, ledger)
+    heartbeat.stop()
     if status == STORAGE_EXIT_CODE:      # this rank alone: the others are waiting in a collective for it
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(status)                 # no teardown that could wait for them (as the step watchdog)
@@ -127,12 +133,14 @@ class StepResult:
     skipped: bool = False                      # DeepSpeed (or GuardedAdamW) skipped the optimizer step
 
 
-def run_step(s: Started, objective, loader, recipe, schedules: Schedules, step: int, rank: int) -> StepResult:
+def run_step(s: Started, objective, loader, recipe, schedules: Schedules, step: int, rank: int,
+             ledger: Ledger) -> StepResult:
     """All micro-batches of one global step on this rank, then the EMA. No host read of device values."""
     out, skipped_before = StepResult(), s.engine.skipped_steps
     for micro in range(recipe.train.grad_accum):
-        loss, terms, out.l_int, out.lam = train_step(s.engine, objective, next(loader), recipe, schedules, step, rank,
-                                                     micro)
+        with ledger.during("data_wait"):
+            batch = next(loader)
+        loss, terms, out.l_int, out.lam = train_step(s.engine, objective, batch, recipe, schedules, step, rank, micro)
         flags = term_flags(terms)
         out.bad = flags if out.bad is None else torch.maximum(out.bad, flags)
         for k, v in {"loss": loss, **terms}.items():
@@ -217,7 +225,7 @@ def start_line(recipe, info: dict, world: int, start: int, resume_from) -> str:
             f"steps {start}→{t.steps}" + (f", resumed from {resume_from}" if resume_from else ""))
 
 
-def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder=None) -> int:
+def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, ledger: Ledger) -> int:
     """The run itself, on an initialised process group. Returns the exit code (0, 2, 3, 69, 74 or 75)."""
     preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
@@ -231,6 +239,8 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder=No
     if opened is None:
         return SAVE_FAILED_EXIT_CODE
     info, reporter = opened
+    ledger.first_step = ledger.last_step = started.state.step
+    ledger.open()
     for note in started.notes:
         reporter.say(note, error=True)
     reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
@@ -238,7 +248,7 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder=No
         live = LiveEval(recipe, rank, world, decoder, started.engine.device)
         live.prepare()                           # reference statistics: before step 1, split across ranks
         loader = make_loader(recipe, rank, world, started.state.data_position)
-        return loop(recipe, started, loader, reporter, preempt, live, rank, world)
+        return loop(recipe, started, loader, reporter, preempt, live, ledger, rank, world)
     except StorageUnavailable as e:              # this rank's reads; the others learn it when it leaves
         print(f"elt-train: rank {rank}: {e.line()}; exiting {STORAGE_EXIT_CODE}: restart the job once the "
               f"storage is back, it resumes from its last checkpoint", file=sys.stderr, flush=True)
@@ -250,7 +260,8 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder=No
         reporter.close()
 
 
-def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, rank: int, world: int) -> int:
+def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, ledger: Ledger, rank: int,
+         world: int) -> int:
     """The training steps from the resumed step on. Returns 0, 3, 74 (metrics.jsonl unwritable) or 75."""
     t = recipe.train
     schedules, objective = Schedules.of(recipe), build_objective(recipe)
@@ -262,9 +273,12 @@ def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, ra
         for step in range(started.state.step, t.steps):
             done = step + 1
             lr = set_lr(started.engine, schedules.lr(done))         # a function of the step: any layout, skips
-            result = run_step(started, objective, loader, recipe, schedules, step, rank)
+            result = run_step(started, objective, loader, recipe, schedules, step, rank, ledger)
             meter.add(t.micro_batch * t.grad_accum * world)
             watchdog.beat(done)
+            ledger.step_done(done)
+            if step == started.state.step:           # the first step (compilation, warm-up) was start-up
+                ledger.enter("training")
             flags.launch(done, result.skipped, result.bad, preempt.requested, reporter.write_error is not None)
             logged = done % t.log_every == 0 or done == t.steps
             due = logged or live.due(done) or (t.save_every and done % t.save_every == 0)
@@ -276,15 +290,17 @@ def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, ra
             preempted = preempted and done < t.steps                 # on the last step: just finish
             if logged or preempted:                  # the same on every rank
                 row = global_row(result.sums, world * t.grad_accum, loader.counters())
+                ledger.outage(loader.counters()["io_wait_s"])
+                ledger.flush()                       # before the row: a kill between them leaves no step uncounted
                 reporter.log({"step": done, **row, "lambda": result.lam, "l_int": result.l_int, "lr": lr,
                               "grad_norm": as_float(started.engine.get_global_grad_norm()),
                               "skipped_steps": guard.skipped, **meter.read(), "world_size": world})
             reporter.tick()
             if not preempted:                        # a preempted job saves and leaves: no sampling first
-                with watchdog.paused():              # sampling is not a slow step
+                with watchdog.paused(), ledger.during("eval"):     # sampling is not a slow step
                     live.after_step(done, started.engine, started.ema, reporter)
             if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
-                with watchdog.paused():              # long and legitimate: not a stalled step
+                with watchdog.paused(), ledger.during("save"):     # long and legitimate: not a stalled step
                     save(started, recipe, done, loader, result, guard)
             if preempted:
                 reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
@@ -298,7 +314,19 @@ def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, ra
     if reporter.write_error:                         # the last step's row (rank 0): the run is done otherwise
         return metrics_failed(reporter, recipe)
     reporter.say(f"finished {t.steps} steps, {guard.skipped} skipped; run in {recipe.run_dir}")
+    if total := ledger.flush():
+        reporter.say(summary_line(total))
+        add_to_run_info(recipe.run_dir, {"goodput": total})
     return 0
+
+
+def add_to_run_info(run_dir, extra: dict) -> None:
+    """Rank 0: keys merged into run_info.json (replaced whole); a full disk here loses nothing else."""
+    path = run_dir / "run_info.json"
+    try:
+        atomic_write_text(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=1))
+    except (OSError, ValueError):
+        pass
 
 
 def settle(flags: AgreedFlags, guard: NumericsGuard, through: int, preempted: bool = False,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.multiproc
 
 TIMEOUT_S = 4
 TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.warmup_steps=1",
-        f"train.collective_timeout_s={TIMEOUT_S}")
+        f"train.collective_timeout_s={TIMEOUT_S}", "data.io_retry_s=1", "data.io_timeout_s=1")   # the deadline: 4 s
 
 
 def test_reference_statistics_longer_than_the_collective_timeout(tmp_path, digits_shards):

@@ -35,6 +35,14 @@ def elastic_attempt_store(timeout: timedelta):
     return torch.distributed.PrefixStore(f"elt_attempt_{attempt}", store)
 
 
+def collective_deadline_s(recipe) -> float:
+    """train.collective_timeout_s, but never shorter than the storage outage a peer may be riding out
+    (data.io_retry_s + data.io_timeout_s): a rank waiting for such a peer is not waiting for a stalled one.
+    Stopped or dead peers are the heartbeat's to catch (seconds: heartbeat.py), a peer hung while alive its own
+    step watchdog's (watchdog.py); this deadline is the last line behind both."""
+    return max(recipe.train.collective_timeout_s, recipe.data.io_retry_s + recipe.data.io_timeout_s)
+
+
 def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
     """`timeout_s` bounds every collective: a rank waiting for a stalled peer fails after it instead of
     hanging (gloo's default is 30 minutes). NCCL honours it only with async error handling, which
