@@ -37,6 +37,14 @@ tests/test_plan.py checks each part against the bytes a small model really holds
 parameter/gradient/Adam-state sizes); bench/plan_gpu.py compares the total with CUDA peak memory.
 Not modelled: CUDA context, NCCL buffers and allocator fragmentation (`--headroom`, default 10% of the
 GPU), and transient buffers of the optimizer step and of ZeRO's communication buckets.
+
+How often to save (Young/Daly): with a checkpoint costing δ seconds and the job failing every M seconds on
+average, saving every τ = √(2δM) seconds loses the least time to saves and to steps redone after a failure
+(about δ/τ + τ/2M of the run). M = per-GPU MTBF / GPUs; `--mtbf-gpu-hours` (default 45,000: Llama 3's
+pre-training saw 466 interruptions in 54 days on 16,384 GPUs, arXiv 2407.21783 §3.3.4). δ and the step time
+come from a measured run's goodput ledger (`--from-run runs/NAME`, its goodput.json: save_s / saves and
+training_s / steps) when given, else δ from `--save-s` or from the checkpoint's bytes per GPU at
+`--write-gbps` (default 2 GB/s per GPU), and the step time from the GPU-hours above.
 """
 from __future__ import annotations
 
@@ -271,6 +279,13 @@ def parse_args(argv=None):
     p.add_argument("--manifest", default=None,
                    help="shards (directory, URL or manifest.json) or synthetic:{imagenet,ucf101}-{shuffled,sorted} "
                         "for the batch class mix (default: the recipe's data.shards, when on this machine)")
+    p.add_argument("--mtbf-gpu-hours", type=float, default=45_000.0,
+                   help="assumed mean time between failures of one GPU (with its share of host, network, storage), "
+                        "for the save interval (default 45,000: Llama 3's 16k-GPU pre-training)")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="a run of this recipe whose goodput.json gives the measured save and step time")
+    p.add_argument("--save-s", type=float, default=None, help="seconds one checkpoint save takes (else measured or estimated)")
+    p.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write speed per GPU, GB/s, for the estimate")
     p.add_argument("--json", action="store_true", help="print the plan (or with --schedules, the schedules) as JSON")
     p.add_argument("--schedules", action="store_true",
                    help="print the run's schedules instead of the cost plan: lr, lr/peak and λ over all steps, "
@@ -297,11 +312,54 @@ def main(argv=None) -> int:
             return print_schedules(recipe, args)
         plan = make_plan(recipe, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.precision, args.headroom)
         plan["batch_mix"] = plan_mix(recipe, args.manifest, plan["global_batch"], plan["micro_batch"])
+        plan["save_interval"] = save_interval(plan, args.mtbf_gpu_hours, args.from_run, args.save_s, args.write_gbps)
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"elt-plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan) + "\n\n" + format_plan_mix(plan["batch_mix"]))
+    print(json.dumps(plan, indent=2) if args.json else "\n\n".join([format_plan(plan), format_save_interval(
+        plan["save_interval"]), format_plan_mix(plan["batch_mix"])]))
     return 0
+
+
+def save_interval(plan: dict, mtbf_gpu_hours: float, from_run=None, save_s=None, write_gbps: float = 2.0) -> dict:
+    """Young/Daly's save interval for this recipe on plan['gpus'] GPUs (see the module docstring)."""
+    if mtbf_gpu_hours <= 0 or write_gbps <= 0:
+        raise ValueError("--mtbf-gpu-hours and --write-gbps must be > 0")
+    step_s, source = plan["wall_hours"] * 3600 / plan["steps"], "estimated from the GPU-hours at the MFU"
+    if from_run:
+        measured = read_goodput(from_run)
+        step_s, source = measured["training_s"] / max(1, measured["steps_trained"]), f"measured in {from_run}"
+        if save_s is None and measured["saves"]:
+            save_s = measured["save_s"] / measured["saves"]
+    if save_s is None:
+        chosen = next(r for r in plan["memory"] if (r["zero_stage"], r["checkpointing"]) ==
+                      (plan["recipe_setting"]["zero_stage"], plan["recipe_setting"]["checkpointing"]))
+        save_s = (chosen["weights"] + chosen["optimizer"]) * GiB / (write_gbps * 1e9)
+        save_source = f"estimated: {chosen['weights'] + chosen['optimizer']:.1f} GiB per GPU at {write_gbps:g} GB/s"
+    else:
+        save_source = f"measured in {from_run}" if from_run else "given"
+    mtbf_s = mtbf_gpu_hours * 3600 / plan["gpus"]
+    tau = math.sqrt(2 * save_s * mtbf_s)
+    every = max(1, round(tau / step_s))
+    return {"save_s": save_s, "save_source": save_source, "step_s": step_s, "step_source": source,
+            "mtbf_hours": mtbf_s / 3600, "mtbf_gpu_hours": mtbf_gpu_hours, "interval_s": tau,
+            "save_every": every, "expected_loss": save_s / tau + tau / (2 * mtbf_s)}
+
+
+def read_goodput(run_dir) -> dict:
+    from pathlib import Path
+    path = Path(run_dir) / "goodput.json"
+    try:
+        return json.loads(path.read_text())["total"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FileNotFoundError(f"--from-run {run_dir}: no readable goodput ledger ({path}: {e})") from e
+
+
+def format_save_interval(s: dict) -> str:
+    return (f"  saving (Young/Daly): a save takes {s['save_s']:.1f} s ({s['save_source']}), a step {s['step_s']:.2f} s "
+            f"({s['step_source']}); job MTBF {s['mtbf_hours']:.1f} h at {s['mtbf_gpu_hours']:,.0f} GPU-hours per GPU\n"
+            f"  → train.save_every={s['save_every']} (every {s['interval_s'] / 60:.0f} min): about "
+            f"{s['expected_loss']:.1%} of the run lost to saves and redone steps")
 
 
 def print_schedules(recipe, args) -> int:

@@ -257,3 +257,21 @@ def test_schedules_need_no_data_and_follow_the_family(tmp_path, capsys):
     assert plan_main([diffusion, "--schedules", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["l_int"] == {"low": 1, "high": 3, "p": pytest.approx(1 / 3)} and summary["mask_ratio_mean"] is None
+
+
+def test_save_interval_is_young_daly_from_a_measured_ledger(tmp_path):
+    """√(2δM): δ and the step time from a run's goodput.json, M = per-GPU MTBF / GPUs."""
+    import math
+
+    from elt_scale.plan import save_interval
+    (tmp_path / "goodput.json").write_text(json.dumps({"total": {"training_s": 200.0, "steps_trained": 100,
+                                                                 "save_s": 30.0, "saves": 3}}))
+    plan = {"wall_hours": 1.0, "steps": 1000, "gpus": 100, "memory": [], "recipe_setting": {}}
+    s = save_interval(plan, mtbf_gpu_hours=1000.0, from_run=tmp_path)
+    mtbf_s = 1000.0 * 3600 / 100
+    assert s["save_s"] == 10.0 and s["step_s"] == 2.0 and s["mtbf_hours"] == 10.0
+    assert s["interval_s"] == pytest.approx(math.sqrt(2 * 10.0 * mtbf_s))
+    assert s["save_every"] == round(math.sqrt(2 * 10.0 * mtbf_s) / 2.0)
+    assert s["expected_loss"] == pytest.approx(10.0 / s["interval_s"] + s["interval_s"] / (2 * mtbf_s))
+    with pytest.raises(FileNotFoundError, match="goodput"):
+        save_interval(plan, 1000.0, from_run=tmp_path / "nowhere")
