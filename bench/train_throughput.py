@@ -50,6 +50,7 @@ from elt_scale.engine.ema import ShardedEMA
 from elt_scale.models import build_model, count_params
 from elt_scale.models.flops import sequence_length, train_flops_per_sample, trunk_flops
 from elt_scale.objectives import build_objective
+from elt_scale.schedules import Schedules
 from elt_scale.train import train_step
 
 ABLATIONS = ("no-fused-adamw", "fp32", "sdpa-math", "sdpa-efficient", "sdpa-flash", "no-overlap-comm",
@@ -170,13 +171,13 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
     held_before = torch.cuda.memory_allocated() if on_gpu() else 0   # anything an earlier case left behind
     engine, model, objective = build_engine(recipe, case)
     row["params_m"] = count_params(model) / 1e6
-    batches = synthetic_batches(recipe)
+    batches, schedules = synthetic_batches(recipe), Schedules.of(recipe)
     # The trainer updates its EMA after every applied step: part of the step when the recipe has one.
     ema = ShardedEMA(engine.module, recipe.train.ema_decay, 0, 1) if recipe.train.ema_decay > 0 else None
     row["ema"] = ema is not None
 
     def step_at(step: int):
-        loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, step, 0, 0)
+        loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, schedules, step, 0, 0)
         if ema:
             ema.update()
         return loss

@@ -84,7 +84,9 @@ def test_sd_vae_latent_sample_is_seeded_by_key(models, images, tmp_path):
     _, one = run(*common, "--batch-size", "4", "--out", str(tmp_path / "a"))
     _, two = run(*common, "--batch-size", "1", "--out", str(tmp_path / "b"))
     _, mean = run(*common[:-1], "--out", str(tmp_path / "c"))
-    assert all(np.array_equal(one[k][1], two[k][1]) for k in one)          # same key, same noise, any batch
+    # same key, same noise, any batch: equal to fp16's resolution (diffusers 0.42's encoder rounds the last
+    # fp16 bit differently at batch 4 and 1: 1.2e-4 measured; a different noise would differ by ~1)
+    assert all(np.allclose(one[k][1], two[k][1], rtol=0, atol=1e-3) for k in one)
     assert not any(np.allclose(one[k][1], mean[k][1]) for k in one)        # and it is a sample, not the mean
 
 

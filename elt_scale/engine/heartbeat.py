@@ -99,13 +99,15 @@ class Heartbeat:
     def _watch(self, seen: dict, began: float) -> None:
         """Rank 0: every rank's latest beat; one unchanged for timeout_s is silent -> abort for all."""
         now = time.monotonic()
-        for r in range(self.world):
-            key = str(r)
-            if r not in seen and not self.store.check([key]):
-                if now - began > self.timeout_s:
-                    self._abort(f"rank {r} has not beaten once in {now - began:.0f} s")
-                continue
-            beat = self.store.get(key).decode()
+        ranks = range(self.world)
+        if len(seen) < self.world:                     # until every rank has beaten once: key by key
+            ranks = [r for r in ranks if r in seen or self.store.check([str(r)])]
+            if len(ranks) < self.world and now - began > self.timeout_s:
+                missing = sorted(set(range(self.world)) - set(ranks))
+                self._abort(f"rank {missing[0]} has not beaten once in {now - began:.0f} s")
+        beats = self.store.multi_get([str(r) for r in ranks])     # one round trip for all ranks
+        for r, raw in zip(ranks, beats):
+            beat = raw.decode()
             if seen.get(r, (None,))[0] != beat:
                 seen[r] = (beat, now)
             elif now - seen[r][1] > self.timeout_s:

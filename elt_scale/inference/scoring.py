@@ -93,11 +93,6 @@ class Scorer:
                 "reference_stats": reference.kind, "reference_pr_images": pr_images,
                 "inception_weights": str(self.inception_weights), "inception_sha256": sha}
 
-    def prepare_reference(self):
-        """The reference statistics, loaded or computed (split across ranks, cached) once; collective under
-        world > 1 the first time. Rank 0 gets the Reference, the others None."""
-        return self._adm_reference()
-
     def _get(self, key: str, make):
         if key not in self._cache:
             self._cache[key] = make()
@@ -108,7 +103,9 @@ class Scorer:
             raise ValueError("fid/fvd need a reference: pass --reference REF.npz (ADM reference batch) or a shards dir")
         return self.reference
 
-    def _adm_reference(self):
+    def prepare_reference(self):
+        """The reference statistics, loaded or computed (split across ranks, cached) once; collective under
+        world > 1 the first time. Rank 0 gets the Reference, the others None."""
         from .reference import adm_reference
         net, sha = self._inception()
         return self._get("adm_reference", lambda: adm_reference(
