@@ -64,76 +64,18 @@ def write_schedules_png(recipe, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import torch
 
     s = Schedules.of(recipe)
     masked = recipe.model.family == "masked"
     steps = np.unique(np.concatenate([np.linspace(1, s.steps, 2000).round(),
                                       np.linspace(1, max(1, min(s.steps, 2 * s.warmup_steps)), 400).round()]))
-    lr = np.array([s.lr(int(k)) for k in steps])
-    lam = np.array([s.lam(int(k)) for k in steps])
-
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5)) if masked else plt.subplots(1, 3, figsize=(15, 4.2))
     ax_lr, ax_lam, ax_l, *rest = axes.flat
-
-    ax_lr.plot(steps, lr, color="C0")
-    ax_lr.set(title="learning rate", xlabel="step", ylabel="lr", xlim=(0, s.steps), ylim=(0, s.peak_lr * 1.08))
-    if s.warmup_steps:
-        ax_lr.axvline(s.warmup_steps, color="C3", ls="--", lw=1)
-        ax_lr.annotate(f"end of warm-up\n(step {s.warmup_steps:,})", (s.warmup_steps, s.peak_lr),
-                       xytext=(0.12, 0.35), textcoords="axes fraction", fontsize=8, color="C3",
-                       arrowprops={"arrowstyle": "->", "color": "C3"})
-        if s.warmup_steps < 0.05 * s.steps:      # a sliver of the x-axis: zoom in on it
-            inset = ax_lr.inset_axes([0.58, 0.55, 0.38, 0.36])
-            near = steps <= 2 * s.warmup_steps
-            inset.plot(steps[near], lr[near], color="C0")
-            inset.axvline(s.warmup_steps, color="C3", ls="--", lw=1)
-            inset.set_title(f"first {2 * s.warmup_steps:,} steps", fontsize=8)
-            inset.tick_params(labelsize=7)
-            inset.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-            inset.yaxis.get_offset_text().set_fontsize(7)
-            inset.xaxis.set_major_formatter(_step_formatter(2 * s.warmup_steps))
-    ax_lr.grid(alpha=0.3)
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-
-    ax_lam.plot(steps, lam, color="C1")
-    ax_lam.set(title="ILSD λ (weight of the student's GT loss)" if s.ilsd else "λ (no ILSD: teacher's loss alone)",
-               xlabel="step", ylabel="λ", xlim=(0, s.steps), ylim=(-0.05, 1.05))
-    ax_lam.grid(alpha=0.3)
-    for ax in (ax_lr, ax_lam):
-        ax.xaxis.set_major_formatter(_step_formatter(s.steps))
-
-    lo, hi = s.l_int_range()
-    values = list(range(1, s.max_loops + 1))
-    if s.ilsd:
-        student = [v for v in values if lo <= v <= hi]
-        bars = ax_l.bar(student, [1 / (hi - lo + 1)] * len(student), width=0.6, color="C2",
-                        label="student L_int (one draw per step)")
-        ax_l.bar_label(bars, labels=[f"1/{hi - lo + 1}"] * len(student), fontsize=8)
-        ax_l.bar([s.max_loops], [1.0], width=0.6, fill=False, hatch="//", edgecolor="C3",
-                 label=f"teacher L_max = {s.max_loops} (every step)")
-        ax_l.set_title(f"loops per step: L_int ~ Uniform{{{lo}..{hi}}}", fontsize=10)
-        ax_l.legend(fontsize=8, loc="upper left")
-    else:
-        ax_l.bar([s.max_loops], [1.0], width=0.6, color="C7", label="L_max")
-        ax_l.set_title(f"no ILSD: every step runs L_max = {s.max_loops}", fontsize=10)
-    ax_l.set(xlabel="loops", ylabel="probability per step", xticks=values, xlim=(0.4, s.max_loops + 0.6),
-             ylim=(0, 1.3))
-    ax_l.grid(alpha=0.3, axis="y")
-
+    _lr_panel(ax_lr, s, steps, np.array([s.lr(int(k)) for k in steps]))
+    _lambda_panel(ax_lam, s, steps, np.array([s.lam(int(k)) for k in steps]))
+    _loops_panel(ax_l, s)
     if masked:
-        ax_m = rest[0]
-        r = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000   # the exact quantiles of U(0, 1)
-        ax_m.hist(mask_ratio(r).numpy(), bins=50, range=(0, 1), density=True, color="C4", alpha=0.6,
-                  label="histogram (the trainer's mask_ratio)")
-        m = np.linspace(0.0, 0.995, 400)
-        ax_m.plot(m, (2 / math.pi) / np.sqrt(1 - m ** 2), color="C4", label="density 2/(π√(1−m²))")
-        ax_m.axvline(MEAN_MASK_RATIO, color="k", ls=":", lw=1, label=f"mean 2/π = {MEAN_MASK_RATIO:.2f}")
-        ax_m.set(title="masking ratio m = cos(π/2·r), r ~ U(0,1) per sample", xlabel="fraction of tokens masked",
-                 ylabel="density", xlim=(0, 1), ylim=(0, 4))
-        ax_m.legend(fontsize=8, loc="upper left")
-        ax_m.grid(alpha=0.3)
-
+        _mask_panel(rest[0])
     m = recipe.model
     fig.suptitle(f"{recipe.run.name}: schedules over {s.steps:,} steps ({m.family}, "
                  f"{m.unique_layers}N×{m.loops}L)")
@@ -143,6 +85,71 @@ def write_schedules_png(recipe, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _lr_panel(ax, s: Schedules, steps, lr) -> None:
+    ax.plot(steps, lr, color="C0")
+    ax.set(title="learning rate", xlabel="step", ylabel="lr", xlim=(0, s.steps), ylim=(0, s.peak_lr * 1.08))
+    if s.warmup_steps:
+        ax.axvline(s.warmup_steps, color="C3", ls="--", lw=1)
+        ax.annotate(f"end of warm-up\n(step {s.warmup_steps:,})", (s.warmup_steps, s.peak_lr),
+                    xytext=(0.12, 0.35), textcoords="axes fraction", fontsize=8, color="C3",
+                    arrowprops={"arrowstyle": "->", "color": "C3"})
+        if s.warmup_steps < 0.05 * s.steps:      # a sliver of the x-axis: zoom in on it
+            inset = ax.inset_axes([0.58, 0.55, 0.38, 0.36])
+            near = steps <= 2 * s.warmup_steps
+            inset.plot(steps[near], lr[near], color="C0")
+            inset.axvline(s.warmup_steps, color="C3", ls="--", lw=1)
+            inset.set_title(f"first {2 * s.warmup_steps:,} steps", fontsize=8)
+            inset.tick_params(labelsize=7)
+            inset.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+            inset.yaxis.get_offset_text().set_fontsize(7)
+            inset.xaxis.set_major_formatter(_step_formatter(2 * s.warmup_steps))
+    ax.grid(alpha=0.3)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.xaxis.set_major_formatter(_step_formatter(s.steps))
+
+
+def _lambda_panel(ax, s: Schedules, steps, lam) -> None:
+    ax.plot(steps, lam, color="C1")
+    ax.set(title="ILSD λ (weight of the student's GT loss)" if s.ilsd else "λ (no ILSD: teacher's loss alone)",
+           xlabel="step", ylabel="λ", xlim=(0, s.steps), ylim=(-0.05, 1.05))
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_formatter(_step_formatter(s.steps))
+
+
+def _loops_panel(ax, s: Schedules) -> None:
+    lo, hi = s.l_int_range()
+    values = list(range(1, s.max_loops + 1))
+    if s.ilsd:
+        student = [v for v in values if lo <= v <= hi]
+        bars = ax.bar(student, [1 / (hi - lo + 1)] * len(student), width=0.6, color="C2",
+                      label="student L_int (one draw per step)")
+        ax.bar_label(bars, labels=[f"1/{hi - lo + 1}"] * len(student), fontsize=8)
+        ax.bar([s.max_loops], [1.0], width=0.6, fill=False, hatch="//", edgecolor="C3",
+               label=f"teacher L_max = {s.max_loops} (every step)")
+        ax.set_title(f"loops per step: L_int ~ Uniform{{{lo}..{hi}}}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.bar([s.max_loops], [1.0], width=0.6, color="C7", label="L_max")
+        ax.set_title(f"no ILSD: every step runs L_max = {s.max_loops}", fontsize=10)
+    ax.set(xlabel="loops", ylabel="probability per step", xticks=values, xlim=(0.4, s.max_loops + 0.6), ylim=(0, 1.3))
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _mask_panel(ax) -> None:
+    import numpy as np
+    import torch
+    r = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000   # the exact quantiles of U(0, 1)
+    ax.hist(mask_ratio(r).numpy(), bins=50, range=(0, 1), density=True, color="C4", alpha=0.6,
+            label="histogram (the trainer's mask_ratio)")
+    m = np.linspace(0.0, 0.995, 400)
+    ax.plot(m, (2 / math.pi) / np.sqrt(1 - m ** 2), color="C4", label="density 2/(π√(1−m²))")
+    ax.axvline(MEAN_MASK_RATIO, color="k", ls=":", lw=1, label=f"mean 2/π = {MEAN_MASK_RATIO:.2f}")
+    ax.set(title="masking ratio m = cos(π/2·r), r ~ U(0,1) per sample", xlabel="fraction of tokens masked",
+           ylabel="density", xlim=(0, 1), ylim=(0, 4))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
 
 
 def _step_formatter(last: int):
