@@ -273,7 +273,8 @@ DATA_PAGE = ROOT / "docs" / "data.md"          # the README's 'Data' section mov
 def data_page_commands() -> set[tuple[str, ...]]:
     """Every `python data_prep/tokenize.py ...` command in docs/data.md, its continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", DATA_PAGE.read_text())
-    return {tuple(shlex.split(m, comments=True)) for m in re.findall(r"^\s*python data_prep/tokenize\.py (.+)$", text, re.M)}
+    found = re.findall(r"^\s*python data_prep/tokenize\.py (.+)$", text, re.M)
+    return {tuple(shlex.split(m, comments=True)) for m in found}
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if not p.name.startswith("digits_")], ids=lambda p: p.stem)

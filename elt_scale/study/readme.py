@@ -53,8 +53,8 @@ def headline(docs: Path) -> str:
         held = sum(v["holds"] for v in verdicts)
         meta = data["meta"]
         lines += [f"`{command}` ({meta['date']}, commit {meta['commit']}, {meta['machine']}, {len(meta['seeds'])} "
-                  f"seeds): {held} of {len(verdicts)} claims hold for every seed.", ""] + [f"- **{'PASS' if v['holds'] else 'FAIL'}** `{v['name']}`: {v['text']}" for v in verdicts]
-        lines += [""]
+                  f"seeds): {held} of {len(verdicts)} claims hold for every seed.", ""]
+        lines += [f"- **{'PASS' if v['holds'] else 'FAIL'}** `{v['name']}`: {v['text']}" for v in verdicts] + [""]
     lines += [f"Tables, evidence per seed and plots: [{RESULTS_PAGE}]({RESULTS_PAGE})."]
     return "\n".join(lines)
 
