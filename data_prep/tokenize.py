@@ -8,7 +8,7 @@
 
 Items are written in a seeded random permutation of the sorted input list (--seed; --keep-source-order
 writes them class by class, as older versions did), so every shard holds most classes and the loader's
-batches mix classes like an i.i.d. draw (README, Data). Work splits over ranks: rank R of --world-size W
+batches mix classes like an i.i.d. draw (docs/data.md). Work splits over ranks: rank R of --world-size W
 (defaults: Slurm array task id minus the array's first id, and the task count) takes its slice of that
 list (the same permutation on every rank), writes its own shard range
 and manifest.{split}.rankRRRRR.json; `--merge --out DIR` then joins them into manifest.json (with

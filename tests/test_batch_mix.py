@@ -263,9 +263,9 @@ def test_reshuffle_turns_a_class_sorted_set_into_the_shuffled_one_without_encodi
     assert "write the reshuffled shards to a new directory" in capsys.readouterr().err
 
 
-def test_readme_batch_mix_table_comes_from_docs_and_docs_are_current():
+def test_data_page_batch_mix_table_comes_from_docs_and_docs_are_current():
     """docs/batch_mix.csv is bench/batch_mix.py's output: its cheap rows (class-sorted, UCF-101) recompute to
-    the same expected figures, and the README's table quotes every (G, m) row of it."""
+    the same expected figures, and docs/data.md's table quotes every (G, m) row of it."""
     rows = list(csv.DictReader((ROOT / "docs" / "batch_mix.csv").open()))
     assert {(r["dataset"], r["layout"]) for r in rows} == {(d, h) for d in ("imagenet", "ucf101")
                                                           for h in ("sorted", "shuffled")}
@@ -280,7 +280,7 @@ def test_readme_batch_mix_table_comes_from_docs_and_docs_are_current():
                            int(row["m"]), int(row["buffer"]), sorted_within=row["layout"] == "sorted")
         assert mix["global"] == pytest.approx(float(row["global"]), abs=1e-3), row
         assert mix["micro"] == pytest.approx(float(row["micro"]), abs=1e-3), row
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "data.md").read_text()     # the README's Data section moved there (issue 32)
     by = {(r["dataset"], r["G"], r["m"], r["layout"]): r for r in rows}
     for dataset, g, m, _ in {k for k in by if k[3] == "sorted"}:
         s, h = by[dataset, g, m, "sorted"], by[dataset, g, m, "shuffled"]
@@ -288,4 +288,4 @@ def test_readme_batch_mix_table_comes_from_docs_and_docs_are_current():
         cells = [cell(float(r[a]), float(r[b])) for r, a, b in ((s, "global", "micro"), (h, "global", "micro"),
                                                                  (s, "global_iid", "micro_iid"))]
         line = f"| {g} | {m} | " + " | ".join(cells) + " |"
-        assert line in readme, line
+        assert line in page, line

@@ -105,7 +105,7 @@ def rank_pid(out_dir, rank: int) -> int | None:
 
 
 def test_torchrun_max_restarts_resumes_after_a_killed_rank(tmp_path, digits_shards):
-    """The README's single-node recipe: torchrun restarts both ranks after rank 1 is killed with -9, the run
+    """docs/cluster.md's single-node recipe: torchrun restarts both ranks after rank 1 is killed with -9, the run
     resumes from its last checkpoint and every step is in metrics.jsonl once."""
     steps, run = 150, tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",

@@ -1,11 +1,14 @@
-"""Results that hold themselves: claims are checks over seeds; the README's result blocks are generated from
-docs/ and agree with it; the committed results come from a full run (3+ seeds) of committed code."""
+"""Results that hold themselves: claims are checks over seeds; the result blocks of docs/results.md and the
+README's headline are generated from docs/*.json and agree with them; the committed results come from a full
+run (3+ seeds) of committed code."""
 import json
 import subprocess
 import sys
 
+import pytest
+
 from elt_scale.study.claims import Claim, evaluate, separation
-from elt_scale.study.readme import STUDIES, render
+from elt_scale.study.readme import PAGES, STUDIES, render
 from elt_scale.study.results import summarize
 from tests.conftest import ROOT
 
@@ -45,12 +48,25 @@ def test_separation_is_about_the_seed_ranges():
     assert s["seeds"] == [0, 1] and s["val_loss"]["min"] == 1.0 and abs(s["val_loss"]["mean"] - 1.05) < 1e-12
 
 
-def test_readme_result_blocks_are_generated_from_docs():
-    readme = (ROOT / "README.md").read_text()
-    assert render(readme, ROOT / "docs") == readme, "run python -m elt_scale.study.readme"
+def test_result_blocks_are_generated_from_docs():
+    assert set(PAGES) == {"README.md", "docs/results.md"}
+    for page in PAGES:
+        text = (ROOT / page).read_text()
+        assert render(text, ROOT / "docs", page) == text, f"{page}: run python -m elt_scale.study.readme"
+    full = (ROOT / "docs" / "results.md").read_text()
+    assert all(f"<!-- results:{name} -->" in full for name in STUDIES)     # the full tables live there
     r = subprocess.run([sys.executable, "-m", "elt_scale.study.readme", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_stale_or_missing_block_is_caught():
+    for page in PAGES:
+        text = (ROOT / page).read_text()
+        stale = text.replace("**PASS**", "**FAIL**", 1)
+        assert stale != text and render(stale, ROOT / "docs", page) == text, page
+        with pytest.raises(ValueError, match=f"{page} has no <!-- results:"):
+            render(text.replace("<!-- /results:", "<!-- /result:"), ROOT / "docs", page)
 
 
 def test_committed_results_come_from_full_runs_of_committed_code():

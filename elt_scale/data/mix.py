@@ -29,7 +29,7 @@ from .order import Order
 from .shards import decode_class_counts, sidecar_path
 
 FIX = ("rewrite them with data_prep/reshuffle.py, or re-tokenize without --keep-source-order "
-       "(README, Data)")
+       "(docs/data.md)")
 FAR_FROM_IID = 0.9        # warn below this fraction of the i.i.d. figure (global batch or micro-batch)
 EPOCHS = 2                # epochs' shard orders averaged over
 MAX_WINDOWS = 16          # windows evaluated per epoch (evenly spaced) when an epoch has more

@@ -1,9 +1,9 @@
 """Synthetic dataset-sized manifests: the shard layout tokenize.py would write, without any data.
 
-For `elt-plan --manifest synthetic:LAYOUT`, the README's batch-mix table (bench/batch_mix.py) and tests.
+For `elt-plan --manifest synthetic:LAYOUT`, docs/data.md's batch-mix table (bench/batch_mix.py) and tests.
   imagenet-*  1000 classes, 1,281,167 training samples (ImageNet-1k's total), 935 classes of 1300 and 65
               between 732 and 1300 (its extremes; its exact class sizes are not in this repo), shards of
-              1000 (the README's --samples-per-shard).
+              1000 (docs/data.md's --samples-per-shard).
   ucf101-*    101 classes, 9,537 clips (split 1's train list) spread evenly, shards of 256 (the default).
 `*-shuffled` lays the sorted items out with tokenize.py's own `write_order`, `*-sorted` as older versions
 did (class by class)."""
