@@ -1,12 +1,12 @@
 # Entry points: `make demo` (the main job on the built-in digits data), `make reproduce` (both claims,
-# both families, against plain baselines) and `make test`.
+# both families, against plain baselines), `make test` and `make test-fast`.
 # Both set up .venv from scratch on a fresh machine; nothing else needs to be installed by hand.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch lies on disk here; on a GPU machine: make TORCH=torch ...
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo reproduce test clean
+.PHONY: setup demo reproduce test test-fast test-multiproc test-e2e test-cluster clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,23 @@ demo: setup
 reproduce: setup
 	$(PY) -m elt_scale.reproduce
 
+# the whole suite, as CI runs it (.ci/run)
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# one tier each (tests/<tier>/__init__.py says what belongs there); test-fast is the inner loop
+test-fast: setup
+	$(PY) -m pytest -q --durations=10 tests/unit
+
+test-multiproc: setup
+	$(PY) -m pytest -q --durations=10 tests/multiproc
+
+test-e2e: setup
+	$(PY) -m pytest -q --durations=10 tests/e2e
+
+# needs root and slurm-wlm + munge (.ci/run apt-installs them): a real two-node Slurm cluster on loopback
+test-cluster: setup
+	$(PY) -m pytest -q --durations=10 tests/cluster
 
 clean:
 	rm -rf runs shards demo_out reproduce_out

@@ -33,7 +33,7 @@ The memory model (bytes per GPU, Ψ = unique parameters, W = data-parallel ranks
                                        internals (the last layer's, then each recomputed one's).
                                 The readout (head + loss, both ILSD exits) is always kept.
 
-tests/test_plan.py checks each part against the bytes a small model really holds (saved-tensor hooks,
+tests/unit/test_plan.py checks each part against the bytes a small model really holds (saved-tensor hooks,
 parameter/gradient/Adam-state sizes); bench/plan_gpu.py compares the total with CUDA peak memory.
 Not modelled: CUDA context, NCCL buffers and allocator fragmentation (`--headroom`, default 10% of the
 GPU), and transient buffers of the optimizer step and of ZeRO's communication buckets.

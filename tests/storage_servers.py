@@ -1,4 +1,5 @@
-"""Storage that fails for real, on loopback, for tests (tests/test_storage_faults.py, tests/test_slurm_storage.py).
+"""Storage that fails for real, on loopback, for tests (tests/unit/test_storage_io.py,
+tests/e2e/test_storage_faults.py, tests/cluster/test_slurm_faults.py).
 
     ShardServer(dir)       `python -m http.server` in its own process on a fixed port: kill() it, start() it
                            again on the same port (what the issue's user did to a running job)

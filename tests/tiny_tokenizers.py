@@ -1,6 +1,6 @@
 """Tiny random tokenizers with a chosen compression, saved in the format the real loaders read, and tiny
 ImageNet-/UCF-101-shaped trees to feed them. Shared by the jit tokenizer tests and the recipe data
-contract (tests/test_recipe_data.py)."""
+contract (tests/unit/test_recipe_data.py)."""
 from __future__ import annotations
 
 import json

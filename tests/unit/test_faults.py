@@ -1,19 +1,15 @@
-"""Hard faults without Slurm: the step watchdog in a real process, the test-only fault hooks, and a
-single-node `torchrun --max-restarts` run that survives a kill -9 of one rank."""
-import os
-import re
-import signal
+"""Hard faults without Slurm: the step watchdog in a real process and the test-only fault hooks. A
+single-node `torchrun --max-restarts` run that survives a kill -9 of one rank: tests/multiproc/test_faults_torchrun.py."""
 import subprocess
 import sys
 import textwrap
 import time
 
-import psutil
 import pytest
 
 from elt_scale.engine import faults
 from elt_scale.engine.watchdog import WATCHDOG_EXIT_CODE
-from tests.conftest import ROOT, read_metrics
+from tests.conftest import ROOT
 
 
 def run_watchdog(body: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
@@ -83,54 +79,3 @@ def test_fault_spec_parses_and_rejects_typos():
     for bad in ("nan_step:2", "die_at:1", "kill_in_save:x"):
         with pytest.raises(ValueError, match="ELT_FAULT="):
             faults.plan(bad)
-
-
-def last_step(run) -> int:
-    try:
-        return max((r["step"] for r in read_metrics(run)), default=0)
-    except (FileNotFoundError, ValueError):      # not there yet, or a line half-written
-        return 0
-
-
-def rank_pid(out_dir, rank: int) -> int | None:
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        try:
-            if ("elt_scale.train" in cmd and str(out_dir) in cmd and "torch.distributed.run" not in cmd
-                    and p.environ().get("RANK") == str(rank)):
-                return p.pid
-        except psutil.Error:
-            continue
-    return None
-
-
-def test_torchrun_max_restarts_resumes_after_a_killed_rank(tmp_path, digits_shards):
-    """docs/cluster.md's single-node recipe: torchrun restarts both ranks after rank 1 is killed with -9, the run
-    resumes from its last checkpoint and every step is in metrics.jsonl once."""
-    steps, run = 150, tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           "-m", "elt_scale.train", str(ROOT / "recipes" / "digits_masked.yaml"), f"data.shards={digits_shards}",
-           f"run.out_dir={tmp_path}", "run.name=tr", "model.width=32", "train.micro_batch=8", "train.log_every=1",
-           "train.warmup_steps=2", f"train.steps={steps}", "train.save_every=5", "train.collective_timeout_s=60"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    log = tmp_path / "torchrun.log"                 # a file, not a pipe nobody drains while it runs
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while not ((run / "ckpt" / "latest").exists() and last_step(run) >= 7):
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.1)
-        while (victim := rank_pid(tmp_path, 1)) is None:
-            assert proc.poll() is None and time.time() < deadline, "rank 1 not found"
-            time.sleep(0.1)
-        os.kill(victim, signal.SIGKILL)
-        proc.wait(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text(errors="replace")
-    assert proc.returncode == 0, out[-4000:]
-    starts = [int(s) for s in re.findall(rf"steps (\d+)→{steps}", out)]
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 5, out[-4000:]
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1)), out[-4000:]

@@ -15,7 +15,7 @@ from elt_scale.inference.reference import check_reference
 from elt_scale.metrics.adm import BadReference, check_reference_arrays
 from elt_scale.metrics.moments import frechet_from_stats
 from tests.conftest import ROOT
-from tests.test_adm_eval import noise, own_features
+from tests.unit.test_adm_eval import noise, own_features
 from tests.tiny_models import TinyInception, scripted
 
 POOL, SPATIAL = 16, 63           # TinyInception's pool and mixed_6/conv feature sizes

@@ -1,11 +1,11 @@
 """ADM's evaluation suite (elt-eval fid): precomputed reference statistics are used as ADM uses them, FID/sFID/
 IS against closed forms computed here, precision/recall against an independent k-NN written here, the TF1
-resize rule, streaming in bounded memory, 2 ranks = 1, and a shard set's statistics written once and reused.
+resize rule, streaming in bounded memory, and a shard set's statistics written once and reused (2 ranks = 1:
+tests/multiproc/test_adm_eval_ranks.py).
 The Inception is tests/tiny_models.TinyInception (NVIDIA's file in miniature), loaded through the real code."""
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from elt_scale import evaluate
-from elt_scale.dist import free_port
 from elt_scale.inference import reference as reference_module
 from elt_scale.inference.scoring import Scorer
 from elt_scale.metrics.adm import inception_score
@@ -233,33 +232,6 @@ def elt_eval_fid(*args):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
-
-
-@pytest.mark.multiproc
-def test_two_ranks_give_the_numbers_of_one(inception, tmp_path):
-    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
-    np.savez(samples, arr_0=noise(300, 7), arr_1=np.zeros(300, np.int64))
-    np.savez(ref, arr_0=noise(200, 8, high=180))           # no statistics: the reference is extracted on both ranks
-    one, err = elt_eval_fid(samples, "--reference", ref, "--inception-weights", inception)
-    assert set(one) == ADM_KEYS and "ADM's protocol (and the paper's FIDs) use 50000" in err
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "elt_scale.evaluate", "fid", str(samples), "--reference", str(ref), "--inception-weights", inception]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(lines) == 1                                  # rank 0 prints, rank 1 does not
-    two = lines[0]
-    assert {k: two[k] for k in ("num_samples", "reference_stats", "reference_pr_images", "inception_sha256")} == \
-           {k: one[k] for k in ("num_samples", "reference_stats", "reference_pr_images", "inception_sha256")}
-    for k in ("is", "fid", "sfid", "precision", "recall"):
-        assert two[k] == pytest.approx(one[k], rel=1e-6), k
 
 
 def test_shard_reference_is_written_once_in_adm_layout_and_reused(inception, digits_shards, tmp_path, monkeypatch):

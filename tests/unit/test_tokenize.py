@@ -13,9 +13,8 @@ from PIL import Image
 
 from data_prep import tokenize
 from data_prep.shard_plan import plan_shards, rank_from_env
+from tests.conftest import ROOT
 from tests.datasets import make_ucf, read_samples, save_image
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def tok(*args: str) -> int:

@@ -188,7 +188,7 @@ def test_killed_save_then_preemption_then_exact_resume_zero2(straight, tmp_path,
 def test_resume_on_one_rank_from_two_rank_checkpoint(straight, tmp_path, digits_shards):
     """World 2 -> 1: weights (consolidated), EMA (re-sliced), Adam's moments and step (DeepSpeed's universal
     checkpoint), LR schedule and λ continue; the data stream is the one-rank stream, so losses differ from the
-    2-rank run (tests/test_elastic_resume.py checks the moments themselves)."""
+    2-rank run (tests/multiproc/test_elastic_resume.py checks the moments themselves)."""
     ref, _ = straight(2)
     copy_checkpoint(ref, tmp_path / "one", 2)
     r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "one", "deepspeed.zero_stage=2",

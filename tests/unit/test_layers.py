@@ -62,7 +62,7 @@ def package_modules():
 
 def test_every_component_has_a_layer():
     components = {component(m) for _, m, _ in package_modules()}
-    assert components <= set(LEVEL), f"put {sorted(components - set(LEVEL))} into a layer of tests/test_layers.py"
+    assert components <= set(LEVEL), f"put {sorted(components - set(LEVEL))} into a layer of tests/unit/test_layers.py"
 
 
 def test_no_module_imports_upward():
