@@ -6,7 +6,7 @@
     python bench/train_throughput.py --preset elt-l-masked --tiny          # CPU, seconds (CI smoke test)
 
 Every case builds the model from a recipe, wraps it with deepspeed.initialize and the recipe's DeepSpeed
-config, and times elt_scale.train.train_step (plus the EMA update when the recipe has train.ema_decay > 0)
+config, and times elt_scale.train.micro_step (plus the EMA update when the recipe has train.ema_decay > 0)
 on synthetic batches of the recipe's shape: what a user's run gets, minus data loading
 (bench/dataloader.py measures that) and the loop's logging. Protocol: `--warmup` steps (which
 include torch.compile), then `--windows` windows of `--steps` steps, each between two device
@@ -51,7 +51,7 @@ from elt_scale.models import build_model, count_params
 from elt_scale.models.flops import sequence_length, train_flops_per_sample, trunk_flops
 from elt_scale.objectives import build_objective
 from elt_scale.schedules import Schedules
-from elt_scale.train import train_step
+from elt_scale.train import micro_step
 
 ABLATIONS = ("no-fused-adamw", "fp32", "sdpa-math", "sdpa-efficient", "sdpa-flash", "no-overlap-comm",
              "overlap-comm", "loop-sync", "zero0", "zero1")
@@ -97,7 +97,7 @@ def case_recipe(args, case: Case):
 
 
 def synthetic_batches(recipe, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of the recipe's shape, pinned like the loader's, so train_step's copy is the real one."""
+    """Batches of the recipe's shape, pinned like the loader's, so micro_step's copy is the real one."""
     m, b = recipe.model, recipe.train.micro_batch
     g = torch.Generator().manual_seed(0)
     out = []
@@ -177,7 +177,7 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
     row["ema"] = ema is not None
 
     def step_at(step: int):
-        loss, *_ = train_step(engine, objective, batches[step % len(batches)], recipe, schedules, step, 0, 0)
+        loss, *_ = micro_step(engine, objective, batches[step % len(batches)], recipe, schedules, step, 0, 0)
         if ema:
             ema.update()
         return loss

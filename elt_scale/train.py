@@ -21,7 +21,6 @@ size. Exit codes:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import ArgumentParser
-from .config import RecipeError, load_recipe, save_recipe
+from .config import RecipeError, load_recipe
 from .data import check_data, make_loader
 from .data.transport import STORAGE_EXIT_CODE, StorageUnavailable
 from .engine import checkpoint as ckpt
@@ -42,13 +41,13 @@ from .engine.goodput import Ledger, summary_line
 from .engine.guard import AgreedFlags, NumericsGuard, NumericsStop, poison, term_flags
 from .engine.heartbeat import Heartbeat
 from .engine.live_eval import EvalSetupError, LiveEval, preflight
-from .engine.logger import Reporter, Throughput, write_run_info
+from .engine.logger import Reporter, Throughput
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .engine.resume import ResumeRefused, Started, start_engine
+from .engine.rundir import add_to_run_info, open_run, start_line
 from .engine.watchdog import StepWatchdog
-from .files import atomic_write_text, free_space
+from .files import free_space
 from .ilsd import draw_l_int, ilsd_loss
-from .inference.load import RUN_TOKENIZER
 from .objectives import build_objective
 from .schedules import Schedules
 from .seeding import generator
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # one micro-batch, one step
 
-def train_step(engine, objective, batch, recipe, schedules: Schedules, step: int, rank: int, micro: int):
+def micro_step(engine, objective, batch, recipe, schedules: Schedules, step: int, rank: int, micro: int):
     """One micro-batch: ILSD exits from one forward pass, loss, backward. Returns (loss, terms, l_int, λ).
     Every random draw comes from (seed, step, j), j = rank * grad_accum + micro the micro-batch's place in
     the global batch: the same draws on any layout and after a resume. On the training device, so preparing
@@ -133,14 +132,15 @@ class StepResult:
     skipped: bool = False                      # DeepSpeed (or GuardedAdamW) skipped the optimizer step
 
 
-def run_step(s: Started, objective, loader, recipe, schedules: Schedules, step: int, rank: int,
-             ledger: Ledger) -> StepResult:
-    """All micro-batches of one global step on this rank, then the EMA. No host read of device values."""
-    out, skipped_before = StepResult(), s.engine.skipped_steps
-    for micro in range(recipe.train.grad_accum):
-        with ledger.during("data_wait"):
-            batch = next(loader)
-        loss, terms, out.l_int, out.lam = train_step(s.engine, objective, batch, recipe, schedules, step, rank, micro)
+def train_step(run: "Run", step: int) -> StepResult:
+    """One global step on this rank: for each micro-batch the next batch, forward and backward (the optimizer
+    steps at the last one, DeepSpeed's accumulation boundary), then the EMA. No host read of device values."""
+    s, out, skipped_before = run.started, StepResult(), run.started.engine.skipped_steps
+    for micro in range(run.recipe.train.grad_accum):
+        with run.ledger.during("data_wait"):
+            batch = next(run.loader)
+        loss, terms, out.l_int, out.lam = micro_step(s.engine, run.objective, batch, run.recipe, run.schedules, step,
+                                                     run.rank, micro)
         flags = term_flags(terms)
         out.bad = flags if out.bad is None else torch.maximum(out.bad, flags)
         for k, v in {"loss": loss, **terms}.items():
@@ -171,58 +171,42 @@ def as_float(x) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
-def save(started: Started, recipe, done: int, loader, result: StepResult, guard) -> None:
-    """Collective: the train state as of step `done`, then every rank's checkpoint files."""
-    s = started.state
-    s.step, s.data_position, s.ilsd_lambda = done, loader.position, result.lam
-    s.skipped_steps, s.bad_streak = guard.skipped, guard.streak
-    ckpt.save(started.engine, recipe.run_dir / "ckpt", s, started.ema, recipe.train.keep_last)
+class RunEnded(Exception):
+    """The run stops early; str(e) is the line rank 0 says, `code` the exit code."""
+    code = 1
 
 
-def prepare_run_dir(recipe, started: Started, world: int, ds_config: dict, manifest: dict) -> dict:
-    """Rank 0: the run directory with what sampling needs later from any working directory (recipe.yaml and
-    the tokenizer that decodes samples), run_info.json; folders of saves that never completed pruned. Every
-    file is replaced whole (written aside, renamed), so a full disk never leaves a torn one for the next start."""
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    atomic_write_text(run_dir / RUN_TOKENIZER, json.dumps(manifest["tokenizer"], indent=1))
-    if (run_dir / "ckpt").exists():
-        ckpt.prune(run_dir / "ckpt", recipe.train.keep_last)
-    return write_run_info(run_dir / "run_info.json", recipe, started.engine.module, world, ds_config,
-                          started.state.wandb_id)
+class Preempted(RunEnded):
+    code = PREEMPT_EXIT_CODE
 
 
-def any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class MetricsUnwritable(RunEnded):
+    code = SAVE_FAILED_EXIT_CODE
 
 
-def open_run(recipe, started: Started, world: int, ds_config: dict, manifest: dict, rank: int):
-    """Rank 0 writes the run directory and opens metrics.jsonl; all ranks agree whether that worked (one
-    all-reduce) -> (run info on rank 0, Reporter), or None when it failed (rank 0 has said why)."""
-    info, reporter, error = None, None, None
-    try:
-        if rank == 0:
-            info = prepare_run_dir(recipe, started, world, ds_config, manifest)
-        reporter = Reporter(recipe, rank, started.state.step, started.state.wandb_id)
-    except OSError as e:
-        error = ckpt.describe(e)
-    if not any_rank(error is not None, started.engine.device):
-        return info, reporter
-    if error:
-        print(f"elt-train: cannot write the run directory {recipe.run_dir}: {error} ({free_space(recipe.run_dir)});"
-              f" free space or raise the quota, then rerun; exiting {SAVE_FAILED_EXIT_CODE}", file=sys.stderr)
-    return None
+# Every way a run ends early, and its exit code: the one place they are mapped (slurm/train_large.sh reads them).
+EXIT_CODES = {Preempted: PREEMPT_EXIT_CODE, MetricsUnwritable: SAVE_FAILED_EXIT_CODE, NumericsStop: 3,
+              StorageUnavailable: STORAGE_EXIT_CODE, SaveFailed: SAVE_FAILED_EXIT_CODE}
 
 
-def start_line(recipe, info: dict, world: int, start: int, resume_from) -> str:
-    m, t = recipe.model, recipe.train
-    return (f"{m.family} {m.unique_layers}N×{m.loops}L, {info['unique_params'] / 1e6:.2f}M params "
-            f"({info['effective_params'] / 1e6:.2f}M effective), world {world}, ZeRO-{recipe.deepspeed.zero_stage}, "
-            f"global batch {info['global_batch']} = {t.micro_batch} micro × {t.grad_accum} accum × {world} ranks, "
-            f"steps {start}→{t.steps}" + (f", resumed from {resume_from}" if resume_from else ""))
+@dataclass
+class Run:
+    """What the loop works with, built once by `train`."""
+    recipe: object
+    started: Started
+    loader: object
+    reporter: Reporter
+    live: LiveEval
+    ledger: Ledger
+    preempt: PreemptionFlag
+    rank: int
+    world: int
+    schedules: Schedules
+    objective: object
+    meter: Throughput
+    flags: AgreedFlags
+    guard: NumericsGuard
+    watchdog: StepWatchdog
 
 
 def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, ledger: Ledger) -> int:
@@ -244,89 +228,80 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, l
     for note in started.notes:
         reporter.say(note, error=True)
     reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
+    run = None
     try:
         live = LiveEval(recipe, rank, world, decoder, started.engine.device)
         live.prepare()                           # reference statistics: before step 1, split across ranks
-        loader = make_loader(recipe, rank, world, started.state.data_position)
-        return loop(recipe, started, loader, reporter, preempt, live, ledger, rank, world)
-    except StorageUnavailable as e:              # this rank's reads; the others learn it when it leaves
-        print(f"elt-train: rank {rank}: {e.line()}; exiting {STORAGE_EXIT_CODE}: restart the job once the "
-              f"storage is back, it resumes from its last checkpoint", file=sys.stderr, flush=True)
-        return STORAGE_EXIT_CODE
-    except SaveFailed as e:                      # raised on every rank together
-        reporter.say(f"{e}; exiting {SAVE_FAILED_EXIT_CODE}", error=True)
-        return SAVE_FAILED_EXIT_CODE
+        run = new_run(recipe, started, make_loader(recipe, rank, world, started.state.data_position), reporter,
+                      live, ledger, preempt, rank, world)
+        loop(run)
+        return finish(run)
+    except tuple(EXIT_CODES) as e:
+        return ended(e, reporter, rank, recipe)
     finally:
+        if run is not None:
+            run.watchdog.stop()
         reporter.close()
 
 
-def loop(recipe, started: Started, loader, reporter, preempt, live: LiveEval, ledger: Ledger, rank: int,
-         world: int) -> int:
-    """The training steps from the resumed step on. Returns 0, 3, 74 (metrics.jsonl unwritable) or 75."""
+def new_run(recipe, started, loader, reporter, live, ledger, preempt, rank: int, world: int) -> Run:
     t = recipe.train
-    schedules, objective = Schedules.of(recipe), build_objective(recipe)
-    meter, flags = Throughput(recipe, world), AgreedFlags(started.engine.device)
-    guard = NumericsGuard(t.max_bad_steps, started.state.skipped_steps, started.state.bad_streak)
-    watchdog = StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank,
-                            excused=lambda: loader.in_outage)      # an outage has its own bound (exit 69)
-    try:
-        for step in range(started.state.step, t.steps):
-            done = step + 1
-            lr = set_lr(started.engine, schedules.lr(done))         # a function of the step: any layout, skips
-            result = run_step(started, objective, loader, recipe, schedules, step, rank, ledger)
-            meter.add(t.micro_batch * t.grad_accum * world)
-            watchdog.beat(done)
-            ledger.step_done(done)
-            if step == started.state.step:           # the first step (compilation, warm-up) was start-up
-                ledger.enter("training")
-            flags.launch(done, result.skipped, result.bad, preempt.requested, reporter.write_error is not None)
-            logged = done % t.log_every == 0 or done == t.steps
-            due = logged or live.due(done) or (t.save_every and done % t.save_every == 0)
-            preempted, write_failed = settle(flags, guard, done if due else done - 1)
-            if preempted and not due:                # seen on some rank: this step becomes the last one
-                preempted, write_failed = settle(flags, guard, done, preempted, write_failed)
-            if write_failed:                         # rank 0's, agreed: every rank stops here
-                return metrics_failed(reporter, recipe)
-            preempted = preempted and done < t.steps                 # on the last step: just finish
-            if logged or preempted:                  # the same on every rank
-                row = global_row(result.sums, world * t.grad_accum, loader.counters())
-                ledger.outage(loader.counters()["io_wait_s"])
-                ledger.flush()                       # before the row: a kill between them leaves no step uncounted
-                reporter.log({"step": done, **row, "lambda": result.lam, "l_int": result.l_int, "lr": lr,
-                              "grad_norm": as_float(started.engine.get_global_grad_norm()),
-                              "skipped_steps": guard.skipped, **meter.read(), "world_size": world})
-            reporter.tick()
-            if not preempted:                        # a preempted job saves and leaves: no sampling first
-                with watchdog.paused(), ledger.during("eval"):     # sampling is not a slow step
-                    live.after_step(done, started.engine, started.ema, reporter)
-            if (t.save_every and done % t.save_every == 0) or done == t.steps or preempted:
-                with watchdog.paused(), ledger.during("save"):     # long and legitimate: not a stalled step
-                    save(started, recipe, done, loader, result, guard)
-            if preempted:
-                reporter.say(f"preempted ({preempt.signal_name or 'signal on another rank'}) at step {done}; "
-                             f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued", error=True)
-                return PREEMPT_EXIT_CODE
-    except NumericsStop as e:
-        reporter.say(f"stopping: {e}", error=True)
-        return 3
-    finally:
-        watchdog.stop()
-    if reporter.write_error:                         # the last step's row (rank 0): the run is done otherwise
-        return metrics_failed(reporter, recipe)
-    reporter.say(f"finished {t.steps} steps, {guard.skipped} skipped; run in {recipe.run_dir}")
-    if total := ledger.flush():
-        reporter.say(summary_line(total))
-        add_to_run_info(recipe.run_dir, {"goodput": total})
-    return 0
+    return Run(recipe, started, loader, reporter, live, ledger, preempt, rank, world, Schedules.of(recipe),
+               build_objective(recipe), Throughput(recipe, world), AgreedFlags(started.engine.device),
+               NumericsGuard(t.max_bad_steps, started.state.skipped_steps, started.state.bad_streak),
+               StepWatchdog(t.watchdog_factor, t.watchdog_min_s, t.watchdog_first_s, rank,
+                            excused=lambda: loader.in_outage))     # an outage has its own bound (exit 69)
 
 
-def add_to_run_info(run_dir, extra: dict) -> None:
-    """Rank 0: keys merged into run_info.json (replaced whole); a full disk here loses nothing else."""
-    path = run_dir / "run_info.json"
-    try:
-        atomic_write_text(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=1))
-    except (OSError, ValueError):
-        pass
+def loop(run: Run) -> None:
+    """The training steps from the resumed step on; an early end is raised (RunEnded, NumericsStop, ...)."""
+    for step in range(run.started.state.step, run.recipe.train.steps):
+        done = step + 1
+        lr = set_lr(run.started.engine, run.schedules.lr(done))      # a function of the step: any layout, skips
+        result = train_step(run, step)
+        due = what_is_due(run, done, result, first=step == run.started.state.step)
+        if due.log:
+            log_step(run, done, result, lr)
+        run.reporter.tick()
+        if due.evaluate:
+            with run.watchdog.paused(), run.ledger.during("eval"):      # sampling is not a slow step
+                run.live.after_step(done, run.started.engine, run.started.ema, run.reporter)
+        if due.save:
+            with run.watchdog.paused(), run.ledger.during("save"):      # long and legitimate: not a stalled step
+                save(run, done, result)
+        if due.preempted:
+            raise Preempted(f"preempted ({run.preempt.signal_name or 'signal on another rank'}) at step {done}; "
+                            f"checkpoint saved; exiting {PREEMPT_EXIT_CODE} to be requeued")
+
+
+@dataclass
+class Due:
+    log: bool
+    evaluate: bool
+    save: bool
+    preempted: bool
+
+
+def what_is_due(run: Run, done: int, result: StepResult, first: bool) -> Due:
+    """After step `done`: the step's flags go out (non-blocking all-reduce); the steps whose flags are needed
+    now are settled into the numerics guard (may raise NumericsStop); then what this step does besides."""
+    t, reporter = run.recipe.train, run.reporter
+    run.meter.add(t.micro_batch * t.grad_accum * run.world)
+    run.watchdog.beat(done)
+    run.ledger.step_done(done)
+    if first:                                    # the first step (compilation, warm-up) was start-up
+        run.ledger.enter("training")
+    run.flags.launch(done, result.skipped, result.bad, run.preempt.requested, reporter.write_error is not None)
+    log = done % t.log_every == 0 or done == t.steps
+    evaluate = run.live.due(done)
+    save_due = bool(t.save_every and done % t.save_every == 0) or done == t.steps
+    preempted, write_failed = settle(run.flags, run.guard, done if log or evaluate or save_due else done - 1)
+    if preempted and not (log or evaluate or save_due):   # seen on some rank: this step becomes the last one
+        preempted, write_failed = settle(run.flags, run.guard, done, preempted, write_failed)
+    if write_failed:                             # rank 0's, agreed: every rank stops here
+        raise MetricsUnwritable(metrics_failed_line(reporter, run.recipe))
+    preempted = preempted and done < t.steps     # on the last step: just finish
+    return Due(log or preempted, evaluate and not preempted, save_due or preempted, preempted)
 
 
 def settle(flags: AgreedFlags, guard: NumericsGuard, through: int, preempted: bool = False,
@@ -339,11 +314,57 @@ def settle(flags: AgreedFlags, guard: NumericsGuard, through: int, preempted: bo
     return preempted, write_failed
 
 
-def metrics_failed(reporter, recipe) -> int:
-    reporter.say(f"cannot append to {reporter.write_error} ({free_space(recipe.run_dir)}); the file ends with "
-                 f"the last whole row; free space or raise the quota, then rerun to resume from the last "
-                 f"checkpoint; exiting {SAVE_FAILED_EXIT_CODE}", error=True)
-    return SAVE_FAILED_EXIT_CODE
+def log_step(run: Run, done: int, result: StepResult, lr: float) -> None:
+    """One metrics row, the same on every rank (one all-reduce): the ledger first, so a kill between the two
+    leaves no logged step uncounted."""
+    row = global_row(result.sums, run.world * run.recipe.train.grad_accum, run.loader.counters())
+    run.ledger.outage(run.loader.counters()["io_wait_s"])
+    run.ledger.flush()
+    run.reporter.log({"step": done, **row, "lambda": result.lam, "l_int": result.l_int, "lr": lr,
+                      "grad_norm": as_float(run.started.engine.get_global_grad_norm()),
+                      "skipped_steps": run.guard.skipped, **run.meter.read(), "world_size": run.world})
+
+
+def save(run: Run, done: int, result: StepResult) -> None:
+    """Collective: the train state as of step `done`, then every rank's checkpoint files."""
+    s = run.started.state
+    s.step, s.data_position, s.ilsd_lambda = done, run.loader.position, result.lam
+    s.skipped_steps, s.bad_streak = run.guard.skipped, run.guard.streak
+    ckpt.save(run.started.engine, run.recipe.run_dir / "ckpt", s, run.started.ema, run.recipe.train.keep_last)
+
+
+def finish(run: Run) -> int:
+    """After the last step: the closing lines, the goodput into run_info.json. Returns 0 (74 if the last
+    metrics row could not be written)."""
+    if run.reporter.write_error:                 # the last step's row (rank 0): the run is done otherwise
+        raise MetricsUnwritable(metrics_failed_line(run.reporter, run.recipe))
+    run.reporter.say(f"finished {run.recipe.train.steps} steps, {run.guard.skipped} skipped; run in "
+                     f"{run.recipe.run_dir}")
+    if total := run.ledger.flush():
+        run.reporter.say(summary_line(total))
+        add_to_run_info(run.recipe.run_dir, {"goodput": total})
+    return 0
+
+
+def ended(e: Exception, reporter: Reporter, rank: int, recipe) -> int:
+    """An early end: its one line, and its exit code (EXIT_CODES)."""
+    code = next(c for kind, c in EXIT_CODES.items() if isinstance(e, kind))
+    if isinstance(e, StorageUnavailable):        # this rank's reads; the others learn it when it leaves
+        print(f"elt-train: rank {rank}: {e.line()}; exiting {code}: restart the job once the storage is back, it "
+              f"resumes from its last checkpoint", file=sys.stderr, flush=True)
+    elif isinstance(e, NumericsStop):
+        reporter.say(f"stopping: {e}", error=True)
+    elif isinstance(e, SaveFailed):              # raised on every rank together
+        reporter.say(f"{e}; exiting {code}", error=True)
+    else:
+        reporter.say(str(e), error=True)
+    return code
+
+
+def metrics_failed_line(reporter, recipe) -> str:
+    return (f"cannot append to {reporter.write_error} ({free_space(recipe.run_dir)}); the file ends with the last "
+            f"whole row; free space or raise the quota, then rerun to resume from the last checkpoint; exiting "
+            f"{SAVE_FAILED_EXIT_CODE}")
 
 
 if __name__ == "__main__":

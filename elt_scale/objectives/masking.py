@@ -1,7 +1,6 @@
 """MaskGIT objective: cosine mask schedule, masked cross-entropy, soft cross-entropy for distillation."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
