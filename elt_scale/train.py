@@ -259,7 +259,7 @@ def loop(run: Run) -> None:
         done = step + 1
         lr = set_lr(run.started.engine, run.schedules.lr(done))      # a function of the step: any layout, skips
         result = train_step(run, step)
-        due = what_is_due(run, done, result, first=step == run.started.state.step)
+        due = after_step(run, done, result, first=step == run.started.state.step)
         if due.log:
             log_step(run, done, result, lr)
         run.reporter.tick()
@@ -282,9 +282,9 @@ class Due:
     preempted: bool
 
 
-def what_is_due(run: Run, done: int, result: StepResult, first: bool) -> Due:
-    """After step `done`: the step's flags go out (non-blocking all-reduce); the steps whose flags are needed
-    now are settled into the numerics guard (may raise NumericsStop); then what this step does besides."""
+def after_step(run: Run, done: int, result: StepResult, first: bool) -> Due:
+    """The step's bookkeeping (throughput, watchdog, ledger), its flags sent (a non-blocking all-reduce), the
+    flags needed now settled into the numerics guard (may raise NumericsStop) -> what this step does besides."""
     t, reporter = run.recipe.train, run.reporter
     run.meter.add(t.micro_batch * t.grad_accum * run.world)
     run.watchdog.beat(done)
