@@ -92,7 +92,8 @@ def run_ds_to_universal(folder: Path, out: Path) -> None:
               f"waiting for it", file=sys.stderr, flush=True)
         while pid_alive(pid):
             time.sleep(1.0)
-        code = 0 if (tmp / "zero").is_dir() else 1
+        done = folder / "latest_universal"          # ds_to_universal's last act: its pointer to the output
+        code = 0 if done.exists() and done.read_text().strip() == tmp.name else 1
     lock.unlink(missing_ok=True)
     (folder / "latest_universal").unlink(missing_ok=True)          # its pointer names the temporary folder
     if code != 0:
