@@ -116,15 +116,20 @@ def alive_owner(lock: Path) -> tuple[int, Path] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """A running process: not gone, and not a zombie (an orphaned converter that finished is reparented, and
+    a container's init may never reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    try:                                   # our own child that exited: reap it (a zombie still "exists")
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
+    except OSError:                        # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
         return True
 
 

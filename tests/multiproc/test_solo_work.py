@@ -6,6 +6,7 @@ timeout of a few seconds, against work that takes far longer than that.
   and cached; the run finishes with its evaluations logged and no restart.
 - A cross-layout resume (ZeRO-2 -> ZeRO-3) whose ds_to_universal conversion on rank 0 is stopped (SIGSTOP)
   for longer than the timeout: the other rank waits through the store, the run finishes."""
+import os
 import signal
 import subprocess
 import threading
@@ -77,5 +78,42 @@ def test_conversion_longer_than_the_collective_timeout(tmp_path, digits_shards):
     ok(r)
     assert "stopped_at" in found, "the conversion process was never seen"
     assert "loaded by own per-parameter load" in r.stderr
+    assert [row["step"] for row in read_metrics(tmp_path / "z3")] == [1, 2, 3, 4]
+    assert (tmp_path / "z3" / "ckpt" / "step_00000002" / "universal" / "zero").is_dir()
+
+
+def test_a_restart_waits_for_the_conversion_an_earlier_attempt_started(tmp_path, digits_shards):
+    """Attempt 1 of a ZeRO-2 -> ZeRO-3 resume starts the conversion, which is stopped (SIGSTOP) and the whole
+    attempt killed (-9); attempt 2 finds the converter alive through its lock file and waits for it instead of
+    starting over; once it runs again, the run finishes from the same conversion."""
+    common = (f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", *TINY, "train.save_every=1",
+              "train.keep_last=5")
+    ok(run_train("digits_masked.yaml", *common, "run.name=z2", "train.steps=2", "deepspeed.zero_stage=2", nprocs=2))
+    copy_checkpoint(tmp_path / "z2", tmp_path / "z3", 2)
+    cmd = train_cmd("digits_masked.yaml", *common, "run.name=z3", "train.steps=4", "deepspeed.zero_stage=3", nprocs=2)
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    converter = None
+    deadline = time.monotonic() + 300
+    while converter is None and time.monotonic() < deadline:
+        converter = next((p for p in psutil.process_iter(["cmdline"]) if "deepspeed.checkpoint.ds_to_universal"
+                          in " ".join(p.info["cmdline"] or [])), None)
+        time.sleep(0.05)
+    assert converter is not None, "the conversion never started"
+    converter.suspend()
+    os.killpg(first.pid, signal.SIGKILL)             # attempt 1 dies whole; the converter has its own session
+    first.wait(timeout=60)
+    log = tmp_path / "second.txt"
+    try:
+        with open(log, "w") as f:
+            second = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while "started by an earlier attempt" not in log.read_text(errors="replace"):
+            assert second.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert converter.is_running() and converter.status() == psutil.STATUS_STOPPED
+    finally:
+        converter.resume()
+    assert second.wait(timeout=300) == 0, log.read_text(errors="replace")[-3000:]
     assert [row["step"] for row in read_metrics(tmp_path / "z3")] == [1, 2, 3, 4]
     assert (tmp_path / "z3" / "ckpt" / "step_00000002" / "universal" / "zero").is_dir()
