@@ -99,3 +99,17 @@ def job_env(tmp_path):
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
     return {"ELT_ENV_FILE": str(env_file), "ELT_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "disabled",
             "PATH": path, "VIRTUAL_ENV": ""}
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """Every test, every tier: whatever its processes did (finished, killed -9, stopped), nothing new stays in
+    /dev/shm. It is RAM: DeepSpeed's leaked CPU all-reduce buffers (69 MB per rank per run) once filled a CI
+    machine's memory half-way through the suite and got it OOM-killed."""
+    shm = Path("/dev/shm")
+    before = set(os.listdir(shm)) if shm.is_dir() else set()
+    yield
+    left = sorted(set(os.listdir(shm)) - before) if shm.is_dir() else []
+    for name in left:                                  # one failure, not one per later test
+        (shm / name).unlink(missing_ok=True)
+    assert not left, f"left behind in /dev/shm: {left}"

@@ -6,6 +6,7 @@ import io
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -61,7 +62,23 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
                                              world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     with contextlib.redirect_stdout(io.StringIO()):      # DeepSpeed prints "... built successfully" each start
         deepspeed.init_distributed(dist_backend=backend(), timeout=timeout)
+    unlink_shm_allreduce_buffer()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """On the CPU, DeepSpeed maps a 69 MB /dev/shm segment per rank when all ranks share a host (LOCAL_SIZE ==
+    WORLD_SIZE) and never unlinks it: every run leaks 69 MB x ranks of RAM (tmpfs), a killed one too, until
+    the host runs out of memory (a CI run was OOM-killed after ~50 launches). Every rank has mapped every
+    peer's segment when init returns, so after a barrier each rank unlinks its own name: the mappings live on
+    until the processes exit, however they exit, and nothing is left behind."""
+    if os.environ.get("LOCAL_SIZE") != str(torch.distributed.get_world_size()):
+        return                                            # DeepSpeed's own test, the same on every rank
+    torch.distributed.barrier()
+    name = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+        torch.distributed.get_rank())
+    name.unlink(missing_ok=True)
 
 
 class SoloTimeout(RuntimeError):
