@@ -367,5 +367,19 @@ def metrics_failed_line(reporter, recipe) -> str:
             f"{SAVE_FAILED_EXIT_CODE}")
 
 
+def run() -> None:
+    """The command's entry point (`elt-train`, `python -m elt_scale.train`): main(), then, on a launched rank,
+    os._exit once everything is written and the process group destroyed. Interpreter teardown still frees
+    process groups DeepSpeed holds references to, and gloo's C++ threads can abort the process there
+    (SIGABRT, "terminate called without an active exception", launcher exit 250) after a finished run: rare
+    since destroy_process_group() (1 of ~150 two-rank CI launches), but a finished run must exit 0.
+    main() stays importable without this (tests and probes call it in-process)."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

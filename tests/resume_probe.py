@@ -52,4 +52,4 @@ ckpt.save = spy(ckpt.save, lambda tag, engine, *_: dump(engine, f"saved_{int(tag
 universal.load = spy(universal.load, lambda how, engine, *_: dump(engine, "loaded.pt"))
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.run()

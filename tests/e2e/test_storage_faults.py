@@ -3,6 +3,7 @@
 undisturbed run; past data.io_retry_s the rank exits 69 in one line. A save onto a full disk keeps `latest`,
 removes its partial folder and exits 74. All faults are real: servers killed and restarted, handlers that answer
 503 or go silent, a small tmpfs filled up. The loader and the small files alone: tests/unit/test_storage_io.py."""
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from elt_scale.data.transport import STORAGE_EXIT_CODE
@@ -190,6 +192,21 @@ def folder_bytes(folder: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())   # tmpfs pages
 
 
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen):
+    """SIGSTOP a training and its ranks (the launcher's children), SIGCONT them afterwards."""
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        p.suspend()
+    try:
+        yield
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
+
+
 @pytest.mark.parametrize("nprocs", [1, pytest.param(2, marks=pytest.mark.multiproc)])
 def test_a_save_onto_a_full_disk_keeps_latest_exits_74_and_a_rerun_resumes(tmp_path, digits32, nprocs):
     """The run directory on a 4 MiB tmpfs. Once the first checkpoint is written, a filler takes all but half a
@@ -205,9 +222,10 @@ def test_a_save_onto_a_full_disk_keeps_latest_exits_74_and_a_rerun_resumes(tmp_p
         while not (ckpt / "latest").exists():
             assert first.proc.poll() is None, first.text[-3000:]
             time.sleep(0.05)
-        size = folder_bytes(ckpt / (ckpt / "latest").read_text())
         filler = disk / "filler"
-        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - size // 2))
+        with paused(first.proc):         # a save between measuring and filling would race the filler for space
+            size = folder_bytes(ckpt / (ckpt / "latest").read_text())
+            filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - size // 2))
         rc = first.finish()
         kept = (ckpt / "latest").read_text()
         assert rc == SAVE_FAILED_EXIT_CODE, first.text[-3000:]
