@@ -29,6 +29,22 @@ def launcher_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_ranks() -> int:
+    """How many ranks the launcher started on this host: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def set_threads() -> int:
+    """Compute threads: the cores this process was given (its affinity mask: taskset, Slurm's cgroup) shared by
+    the ranks on this host; OMP_NUM_THREADS, when set, wins (slurm/task_env.sh sets it from --cpus-per-task).
+    torch alone gives every rank all the cores, and OpenMP threads that outnumber the cores spin on each other:
+    2 ranks on 2 cores trained 6.7x slower (bench/RESULTS.md, "threads"). Fixed for the run, not adapted to
+    the load: the thread count can change a CPU run's float sums, and a run must not depend on its neighbours."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks()))
+    return torch.get_num_threads()
+
+
 def single_process_env() -> None:
     """Without a launcher DeepSpeed falls back to MPI discovery (and dies importing mpi4py): make a plain
     `python -m ...` rank 0 of 1 on a free local port."""

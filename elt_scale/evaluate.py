@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .cli import ArgumentParser
-from .dist import init_from_env
+from .dist import init_from_env, set_threads
 from .inference.anytime import CSV_NAME, PLOT_NAME, anytime_sweep
 from .inference.outputs import load_npz, open_npz_images
 from .inference.reference import check_reference, inception_dims
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
                    help="output directory for anytime.csv and anytime.png (default: RUN/anytime for a run "
                         "directory, ./anytime for an export)")
     args = p.parse_args(argv)
+    set_threads()
     if args.command == "anytime" and args.out is None:
         args.out = str(Path(args.run) / "anytime" if Path(args.run).is_dir() else Path("anytime"))
     try:

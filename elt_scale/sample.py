@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .cli import ArgumentParser
-from .dist import init_from_env
+from .dist import init_from_env, set_threads
 from .inference.load import load
 from .inference.outputs import save_grid, save_npz
 from .inference.samples import gather_set, sample_set
@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads()
     rank, world = init_from_env()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)

@@ -32,6 +32,7 @@ from .cli import ArgumentParser
 from .config import RecipeError, load_recipe
 from .data import check_data, make_loader
 from .data.transport import STORAGE_EXIT_CODE, StorageUnavailable
+from .dist import set_threads
 from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
@@ -65,6 +66,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         manifest, _ = check_data(recipe)     # missing or mismatched shards: before a run dir or DeepSpeed exists

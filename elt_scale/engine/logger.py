@@ -138,6 +138,7 @@ def write_run_info(path: Path, recipe, model, world: int, ds_config: dict, wandb
             "grad_accum": recipe.train.grad_accum, "bf16": ds_config["bf16"]["enabled"],
             "unique_params": unique, "effective_params": effective,
             "train_flops_per_sample": train_flops_per_sample(recipe), "wandb_id": wandb_id,
+            "threads": torch.get_num_threads(),           # per rank (elt_scale.dist.set_threads)
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "deepspeed": deepspeed.__version__},
             "git_commit": git_commit(), "ds_config": ds_config}
