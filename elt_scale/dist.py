@@ -38,7 +38,7 @@ def set_threads() -> int:
     """Compute threads: the cores this process was given (its affinity mask: taskset, Slurm's cgroup) shared by
     the ranks on this host; OMP_NUM_THREADS, when set, wins (slurm/task_env.sh sets it from --cpus-per-task).
     torch alone gives every rank all the cores, and OpenMP threads that outnumber the cores spin on each other:
-    2 ranks on 2 cores trained 6.7x slower (bench/RESULTS.md, "threads"). Fixed for the run, not adapted to
+    2 ranks on 2 cores trained 17x slower (bench/RESULTS.md, bench/threads.py). Fixed for the run, not adapted to
     the load: the thread count can change a CPU run's float sums, and a run must not depend on its neighbours."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks()))
