@@ -33,14 +33,14 @@ CLAIMS = [
           "better", "val_loss", (M, "ilsd", 1), (M, "vanilla", 1)),
     Claim("vanilla_degrades_below_Lmax", "the vanilla model's held-out loss at L=1 is over 2% above its own at "
           "L_max", "better", "val_loss", (M, "vanilla", "max"), (M, "vanilla", 1), tol=0.02),
-    Claim("ilsd_anytime", "the ILSD model's held-out loss at L=1 is within 2% of its own at L_max",
-          "within", "val_loss", (M, "ilsd", 1), (M, "ilsd", "max"), tol=0.02),
-    Claim("ilsd_free_at_Lmax", "at L_max the ILSD model's held-out loss is within 1% of the vanilla model's",
-          "within", "val_loss", (M, "ilsd", "max"), (M, "vanilla", "max"), tol=0.01),
+    Claim("ilsd_anytime", "the ILSD model's held-out loss at L=1 is at most 2% above its own at L_max",
+          "no_worse", "val_loss", (M, "ilsd", 1), (M, "ilsd", "max"), tol=0.02),
+    Claim("ilsd_free_at_Lmax", "at L_max the ILSD model's held-out loss is at most 1% above the vanilla "
+          "model's", "no_worse", "val_loss", (M, "ilsd", "max"), (M, "vanilla", "max"), tol=0.01),
     Claim("ilsd_fd_beats_vanilla_at_L1", "at L=1 the ILSD model's FD-digits is lower than the vanilla model's",
           "better", "fd_digits", (M, "ilsd", 1), (M, "vanilla", 1)),
-    Claim("ilsd_fd_free_at_Lmax", "at L_max the ILSD model's FD-digits is within 10% of the vanilla model's",
-          "within", "fd_digits", (M, "ilsd", "max"), (M, "vanilla", "max"), tol=0.10),
+    Claim("ilsd_fd_free_at_Lmax", "at L_max the ILSD model's FD-digits is at most 10% above the vanilla "
+          "model's", "no_worse", "fd_digits", (M, "ilsd", "max"), (M, "vanilla", "max"), tol=0.10),
     Claim("l1_costs_a_quarter", "L=1 costs at most a quarter of the compute of L_max (GFLOPs per sample)",
           "better", "gflops_per_sample", (M, "ilsd", 1), (M, "ilsd", "max"), tol=0.74, quick=True),
 ]

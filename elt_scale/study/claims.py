@@ -1,6 +1,11 @@
 """Claims as checks: each claim the README makes about a study is a named comparison over the seeds, read
-from the result rows. `better`: A beats B on the metric for every seed (paired by seed), by at least `tol`
-relative; `within`: A is within `tol` (relative) of B for every seed. A claim that fails is reported as
+from the result rows, for every seed (paired by seed):
+    better     A beats B on the metric by more than `tol` (relative)
+    no_worse   A is at most `tol` (relative) worse than B: the paper's "costs nothing", "matches", one-sided
+    within     A is within `tol` (relative) of B either way: equal cost
+Each verdict's evidence gives the per-seed values, A's relative difference to B over the seeds against the
+bar, the margin by which the closest seed cleared (or missed) it, and B's own seed spread: a margin smaller
+than the spread is a claim that seed noise alone could have flipped. A claim that fails is reported as
 failing: the README quotes the verdicts, never just the claims that held.
 
 A model is picked as (family, model, L) with L an int or "max" (the model's training loop count)."""
@@ -15,7 +20,7 @@ LOWER_IS_BETTER = {"val_loss": True, "fd_digits": True, "class_acc": False, "gfl
 class Claim:
     name: str
     text: str                 # the sentence the README prints with the verdict
-    kind: str                 # "better" | "within"
+    kind: str                 # "better" | "no_worse" | "within"
     metric: str
     a: tuple                  # (family, model, L)
     b: tuple
@@ -36,11 +41,43 @@ def paired(rows: list[dict], claim: Claim) -> list[tuple[int, float, float]]:
     return [(s, float(a[s][claim.metric]), float(b[s][claim.metric])) for s in sorted(set(a) & set(b))]
 
 
-def holds(claim: Claim, a: float, b: float) -> bool:
-    if claim.kind == "within":
-        return abs(a - b) <= claim.tol * abs(b)
+def worse_by(claim: Claim, a: float, b: float) -> float:
+    """How much worse A is than B, relative to B (negative: A is better)."""
     sign = 1 if LOWER_IS_BETTER[claim.metric] else -1
-    return sign * (b - a) > claim.tol * abs(b)
+    if b == 0:
+        return 0.0 if a == b else sign * (a - b) * float("inf")
+    return sign * (a - b) / abs(b)
+
+
+def slack(claim: Claim, a: float, b: float) -> float:
+    """By how much (relative) one seed clears the claim's bar; negative: it misses it."""
+    w = worse_by(claim, a, b)
+    if claim.kind == "within":
+        return claim.tol - abs(w)
+    if claim.kind == "no_worse":
+        return claim.tol - w
+    return -claim.tol - w                                 # better: A must be better by more than tol
+
+
+def holds(claim: Claim, a: float, b: float) -> bool:
+    s = slack(claim, a, b)
+    return s > 0 if claim.kind == "better" else s >= 0
+
+
+def bar(claim: Claim) -> str:
+    tol = f"{100 * claim.tol:.3g}%"
+    return {"better": f"< -{tol}" if claim.tol else "< 0%", "no_worse": f"<= +{tol}",
+            "within": f"within ±{tol}"}[claim.kind]
+
+
+def margin_text(claim: Claim, pairs: list[tuple[int, float, float]]) -> str:
+    """A's difference to B over the seeds against the bar, the closest seed's margin, B's seed spread."""
+    worse = [100 * worse_by(claim, a, b) for _, a, b in pairs]
+    bs = [b for _, _, b in pairs]
+    spread = 100 * (max(bs) - min(bs)) / abs(sum(bs) / len(bs)) if sum(bs) else 0.0
+    margin = 100 * min(slack(claim, a, b) for _, a, b in pairs)
+    return (f"A worse than B by {min(worse):+.2f}% to {max(worse):+.2f}% (bar {bar(claim)}); "
+            f"margin {margin:+.2f} points; B's seed spread {spread:.2f}%")
 
 
 def evaluate(claims: list[Claim], rows: list[dict]) -> list[dict]:
@@ -50,6 +87,8 @@ def evaluate(claims: list[Claim], rows: list[dict]) -> list[dict]:
         pairs = paired(rows, c)
         ok = bool(pairs) and all(holds(c, a, b) for _, a, b in pairs)
         evidence = "; ".join(f"seed {s}: {a:.4g} vs {b:.4g}" for s, a, b in pairs) or "no seeds to compare"
+        if pairs:
+            evidence += f" → {margin_text(c, pairs)}"
         out.append({"name": c.name, "text": c.text, "holds": ok, "evidence": evidence, "quick": c.quick})
     return out
 

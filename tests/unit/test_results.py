@@ -40,6 +40,22 @@ def test_a_claim_holds_only_when_it_holds_for_every_seed():
                                             "evidence": "no seeds to compare", "quick": False}
 
 
+def test_no_worse_is_one_sided_and_each_verdict_gives_its_margin_and_the_seed_spread():
+    rows = rows_of({("a", 4): [0.90, 1.00, 1.04], ("b", 4): [1.00, 1.00, 1.00]})
+    args = ("val_loss", ("f", "a", "max"), ("f", "b", "max"))
+    free = Claim("nw", "a costs nothing against b", "no_worse", *args, tol=0.05)
+    [v] = evaluate([free], rows)
+    assert v["holds"]                                   # 10% better on seed 0 is no failure of "no worse"
+    assert "A worse than B by -10.00% to +4.00% (bar <= +5%); margin +1.00 points; B's seed spread 0.00%" \
+        in v["evidence"], v["evidence"]
+    assert not evaluate([Claim("w", "", "within", *args, tol=0.05)], rows)[0]["holds"]    # two-sided: fails
+    rows[2]["val_loss"] = 1.06
+    [v] = evaluate([free], rows)
+    assert not v["holds"] and "margin -1.00 points" in v["evidence"], v["evidence"]
+    higher = Claim("acc", "", "no_worse", "class_acc", ("f", "a", "max"), ("f", "b", "max"), tol=0.01)
+    assert evaluate([higher], rows)[0]["holds"]         # accuracies 0.91, 0.9, 0.894 vs 0.9: at most 0.7% lower
+
+
 def test_separation_is_about_the_seed_ranges():
     rows = rows_of({("a", 1): [1.0, 1.1], ("b", 1): [1.2, 1.3], ("c", 1): [1.05, 1.4]})
     assert separation(rows, "val_loss", ("f", "a", 1), ("f", "b", 1))["separated"]
