@@ -9,7 +9,6 @@ processes within a case at once. The digits pixel shards are made in --out on fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from elt_scale.dist import free_port  # noqa: E402
+from elt_scale.engine.logger import read_rows  # noqa: E402
 
 
 def command(out: Path, name: str, steps: int, micro: int, nprocs: int = 1, pin: str | None = None) -> list[str]:
@@ -34,7 +34,7 @@ def command(out: Path, name: str, steps: int, micro: int, nprocs: int = 1, pin: 
 
 
 def steps_per_s(run: Path, global_batch: int) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"samples_per_s"' in line]
+    rows = [r for r in read_rows(run / "metrics.jsonl") if "samples_per_s" in r]
     return statistics.median(r["samples_per_s"] for r in rows[2:]) / global_batch
 
 
@@ -79,6 +79,7 @@ def main() -> None:
               [{"micro": 32, "pin": str(cores[0])}, {"micro": 32, "pin": str(cores[1 % len(cores)])}], {})]
     for i, (label, procs, env) in enumerate(cases):
         case(args.out, i, label, args.steps, procs, env)
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Processes on one host share its cores (issue 33). torch gives every process all the cores it may run on;
-two ranks on 2 cores then run 4 OpenMP threads that spin on each other (measured here: 5.0 steps/s against
-29-33 with one thread per rank). elt-train divides the cores it was given among the ranks on its host.
+two ranks on 2 cores then run 4 OpenMP threads that spin on each other (bench/threads.py: 2.0 steps/s against
+33.5 with one thread per rank). elt-train divides the cores it was given among the ranks on its host.
 
 Both checks hold each process to >= 70% of the steps/s one training reaches alone on one thread:
 - two ranks of one launch, on this machine's cores;
