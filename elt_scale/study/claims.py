@@ -107,3 +107,29 @@ def report(verdicts: list[dict]) -> str:
     """PASS/FAIL lines, as printed at the end of a run and written beside the tables."""
     return "\n".join(f"- **{'PASS' if v['holds'] else 'FAIL'}** `{v['name']}`: {v['text']} ({v['evidence']})"
                      for v in verdicts)
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """A level a model must reach on every seed before comparing it means anything (a diffusion model that
+    ignores its class label cannot tell a good architecture from a bad one)."""
+    name: str
+    text: str
+    metric: str
+    a: tuple                  # (family, model, L)
+    level: float              # at least this (higher-is-better metric) or at most (lower-is-better)
+
+
+def check_bars(bars: list[QualityBar], rows: list[dict]) -> list[dict]:
+    """Verdicts of the same shape as evaluate()'s: every seed must reach the level."""
+    out = []
+    for q in bars:
+        values = {s: float(r[q.metric]) for s, r in pick(rows, *q.a).items()}
+        sign = 1 if LOWER_IS_BETTER[q.metric] else -1
+        margins = [sign * (q.level - v) for v in values.values()]
+        evidence = "; ".join(f"seed {s}: {v:.4g}" for s, v in sorted(values.items())) or "no seeds"
+        if margins:
+            evidence += f" → bar {'<=' if sign > 0 else '>='} {q.level:g}; closest seed's margin {min(margins) + 0.0:+.3g}"
+        out.append({"name": q.name, "text": q.text, "holds": bool(margins) and min(margins) >= 0,
+                    "evidence": evidence, "quick": False})
+    return out

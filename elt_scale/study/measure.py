@@ -1,6 +1,7 @@
 """Measuring a trained model at every loop count it can run: held-out loss on the val split (all exits of
 one forward pass), and samples scored by the digits classifier (class accuracy, FD-digits) with the
-GFLOPs per sample. Each model in its own process on one thread; randomness from the run's seed."""
+GFLOPs per sample. Each model in its own process on one thread; samples drawn from the run's seed, the
+held-out loss from one fixed draw shared by every run."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -13,6 +14,8 @@ from tqdm import tqdm
 
 from ..seeding import generator
 from .runs import Run, train_losses
+
+VAL_SEED = 0     # the held-out draws' seed, the same for every run (not run.seed)
 
 
 def loop_counts(trained_l: int) -> list[int]:
@@ -78,8 +81,10 @@ def measure_run(run: Run, num: int, sample_steps: int, sampler: str, out: str) -
     model, recipe = loaded.model, loaded.recipe
     loops = loop_counts(recipe.model.loops)
     x, y = read_split(run.shards, "val")
-    val = (val_loss_by_loops(model, x, y, loops, run.seed) if recipe.model.family == "masked"
-           else val_mse_by_loops(model, recipe, x, y, loops, run.seed))
+    # one held-out draw (masks, or times and noise) for every model and seed: the seed spread of the val loss
+    # is then the training's alone, and two models are compared on the very same questions
+    val = (val_loss_by_loops(model, x, y, loops, VAL_SEED) if recipe.model.family == "masked"
+           else val_mse_by_loops(model, recipe, x, y, loops, VAL_SEED))
     sweep = anytime_sweep([run.dir], [str(L) for L in loops], num, out, names=[run.name], steps=sample_steps,
                           sampler=sampler, seed=run.seed, progress=False)
     losses = train_losses(run.dir)

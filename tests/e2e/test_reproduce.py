@@ -9,7 +9,7 @@ import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.models import build_model
-from elt_scale.reproduce import CLAIMS, FAMILIES, MODELS, model_overrides
+from elt_scale.reproduce import CLAIMS, FAMILIES, MODELS, QUALITY_BARS, model_overrides
 from elt_scale.study.measure import loop_counts, val_mse_by_loops
 from elt_scale.study.results import COLUMNS
 from elt_scale.study.runs import train_losses
@@ -26,7 +26,7 @@ def test_quick_reproduce_covers_every_model_and_loop_count(tmp_path):
     rows = list(csv.DictReader(open(out / "reproduce.csv")))
     assert list(rows[0]) == COLUMNS
     expected = []
-    for family, (recipe_path, _, _) in FAMILIES.items():
+    for family, (recipe_path, *_) in FAMILIES.items():
         m = load_recipe(recipe_path).model
         expected += [(family, model, L) for model in MODELS
                      for L in loop_counts(m.loops if model in ("ilsd", "vanilla") else 1)]
@@ -46,7 +46,7 @@ def test_quick_reproduce_covers_every_model_and_loop_count(tmp_path):
             assert losses[-1][0] == 20 and losses[-1][1] < losses[0][1], (family, model, losses)
 
     verdicts = {v["name"]: v for v in json.loads((out / "reproduce.json").read_text())["claims"]}
-    assert set(verdicts) == {c.name for c in CLAIMS}
+    assert set(verdicts) == {c.name for c in CLAIMS} | {q.name for q in QUALITY_BARS}
     assert all(verdicts[c.name]["holds"] for c in CLAIMS if c.quick), verdicts   # equal depth, equal cost
     tables = (out / "reproduce.md").read_text()
     assert "**masked**" in tables and "**diffusion**" in tables and "plain_deep" in tables and "## Claims" in tables

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from elt_scale.study.claims import Claim, evaluate, separation
+from elt_scale.study.claims import Claim, QualityBar, check_bars, evaluate, separation
 from elt_scale.study.readme import PAGES, STUDIES, render
 from elt_scale.study.results import summarize
 from tests.conftest import ROOT
@@ -56,6 +56,17 @@ def test_no_worse_is_one_sided_and_each_verdict_gives_its_margin_and_the_seed_sp
     assert evaluate([higher], rows)[0]["holds"]         # accuracies 0.91, 0.9, 0.894 vs 0.9: at most 0.7% lower
 
 
+def test_a_quality_bar_must_be_reached_on_every_seed():
+    rows = rows_of({("a", 4): [0.5, 1.0, 1.5]})            # class_acc 0.95, 0.9, 0.85
+    [v] = check_bars([QualityBar("q", "a is trained", "class_acc", ("f", "a", "max"), 0.85)], rows)
+    assert v["holds"] and "closest seed's margin +0" in v["evidence"] and "bar >= 0.85" in v["evidence"], v
+    [v] = check_bars([QualityBar("q", "", "class_acc", ("f", "a", "max"), 0.9)], rows)
+    assert not v["holds"] and "seed 2: 0.85" in v["evidence"] and "margin -0.05" in v["evidence"], v
+    [v] = check_bars([QualityBar("q", "", "val_loss", ("f", "a", 4), 1.5)], rows)    # lower is better: at most
+    assert v["holds"]
+    assert not check_bars([QualityBar("q", "", "val_loss", ("f", "b", 4), 1.5)], rows)[0]["holds"]   # no seeds
+
+
 def test_separation_is_about_the_seed_ranges():
     rows = rows_of({("a", 1): [1.0, 1.1], ("b", 1): [1.2, 1.3], ("c", 1): [1.05, 1.4]})
     assert separation(rows, "val_loss", ("f", "a", 1), ("f", "b", 1))["separated"]
@@ -95,4 +106,5 @@ def test_committed_results_come_from_full_runs_of_committed_code():
         assert ancestor.returncode == 0, f"docs/{name}.json names {meta['commit']}, not an ancestor of HEAD"
         claims = {c["name"] for c in data["claims"]}
         study = __import__(f"elt_scale.{name}", fromlist=["CLAIMS"])
-        assert claims == {c.name for c in study.CLAIMS}, "docs/ predate a change of the claims: rerun the study"
+        expected = {c.name for c in study.CLAIMS} | {q.name for q in getattr(study, "QUALITY_BARS", [])}
+        assert claims == expected, "docs/ predate a change of the claims: rerun the study"
