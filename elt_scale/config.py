@@ -30,7 +30,7 @@ def _check(cond: bool, key: str, value, allowed: str) -> None:
 
 # YAML 1.1 reads '1e-4' (no dot) as a string; numbers are fine where a string is asked for ('run.name=123')
 Float = Annotated[float, BeforeValidator(lambda v: _number(v) if isinstance(v, str) else v)]
-Str = Annotated[str, BeforeValidator(lambda v: v if isinstance(v, bool) or not isinstance(v, (int, float)) else str(v))]
+Str = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) in (int, float) else v)]
 
 
 def _number(text: str):
@@ -211,7 +211,7 @@ class Recipe(Section):
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """YAML recipe (or defaults when path is None) + `a.b=value` overrides -> validated Recipe."""
     if path is None:
-        return recipe_from_yaml("", overrides)
+        return recipe_from_yaml("", overrides, where="")
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -220,13 +220,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def recipe_from_yaml(text: str, overrides: list[str] | tuple[str, ...] = (), where: str = "recipe") -> Recipe:
-    """The same from YAML text (e.g. the recipe stored in an export's metadata); `where` names it in errors."""
+    """The same from YAML text (e.g. the recipe stored in an export's metadata); `where` names it in errors:
+    after the key's message ('train.steps=0 is out of range; allowed: >= 1; in recipes/x.yaml')."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not a plain YAML recipe ({e})") from e
+        raise RecipeError(f"{where or 'recipe'}: not a plain YAML recipe ({e})") from e
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: top level must be a mapping of sections")
+        raise RecipeError(f"{where or 'recipe'}: top level must be a mapping of sections")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -234,7 +235,7 @@ def recipe_from_yaml(text: str, overrides: list[str] | tuple[str, ...] = (), whe
         return Recipe.model_validate(raw)
     except ValidationError as e:   # the first problem, unknown keys before the rest, as one line
         first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        raise RecipeError(f"{where}: {explain(first)}") from None
+        raise RecipeError(explain(first) + (f"; in {where}" if where else "")) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
