@@ -1,19 +1,19 @@
-"""Recipes: typed dataclasses loaded from YAML, with dotted `key.sub=value` overrides.
+"""Recipes: pydantic models loaded from YAML, with dotted `key.sub=value` overrides.
 
-Every value is checked before any work starts; an error names the key and what is allowed.
-YAML goes through `safe_load` and overrides are parsed as YAML scalars/lists, never evaluated.
+Every value is checked before any work starts; an error is one line naming the file, the key, the value and
+what is allowed. YAML goes through `safe_load` and overrides are parsed as YAML scalars/lists, never evaluated.
+Fields are strict (no 'true' -> 1, no 2.5 -> 2); a `Field` description, where there is one, is the hint an
+out-of-range error gives after the bounds.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-import types
+import difflib
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .files import atomic_write_text
 from .loopspec import parse_loop_list
@@ -23,132 +23,186 @@ class RecipeError(ValueError):
     """A recipe or override is wrong; the message names the key."""
 
 
-@dataclass
-class RunConfig:
-    name: str = "run"
-    out_dir: str = "runs"
+def _check(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise RecipeError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+# YAML 1.1 reads '1e-4' (no dot) as a string; numbers are fine where a string is asked for ('run.name=123')
+Float = Annotated[float, BeforeValidator(lambda v: _number(v) if isinstance(v, str) else v)]
+Str = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) in (int, float) else v)]
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunConfig(Section):
+    # no '..', no leading '.': a plain directory name; the description is what an error says is allowed
+    name: Str = Field("run", pattern=r"^[A-Za-z0-9_](?:\.?[A-Za-z0-9_-])*\.?$",
+                      description="letters, digits, '_', '-', '.' (it names a directory under run.out_dir)")
+    out_dir: Str = "runs"
     seed: int = 0
 
 
-@dataclass
-class DataConfig:
-    shards: str = ""                  # directory or http(s) URL with manifest.json, a brace pattern, or pipe:CMD
-    split: str = "train"
-    shuffle_buffer: int = 1000
-    num_workers: int = 0
+class DataConfig(Section):
+    shards: Str = ""                  # directory or http(s) URL with manifest.json, a brace pattern, or pipe:CMD
+    split: Str = "train"
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(0, ge=0)
     strict: bool = False              # corrupt shard / unexpected member: fatal (True) or skipped and counted
     allow_pipe: bool = False          # let data.shards be a `pipe:` command (webdataset), e.g. for s3:// or gs://
-    io_timeout_s: float = 60          # a remote read that receives no byte this long is a stall (retried)
-    io_retry_s: float = 600           # transport faults of one shard are retried this long, then exit 69
+    io_timeout_s: Float = Field(60, gt=0)   # a remote read that receives no byte this long is a stall (retried)
+    # transport faults of one shard are retried this long, then exit 69
+    io_retry_s: Float = Field(600, ge=0, description="0 = no retries")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     family: Literal["masked", "diffusion"] = "masked"
-    width: int = 64
-    heads: int = 4
-    unique_layers: int = 2            # N
-    loops: int = 4                    # L_max
-    mlp_ratio: float = 4.0
-    grid: list = field(default_factory=lambda: [8, 8])   # [H, W] or [T, H, W] token/latent grid
+    width: int = Field(64, ge=1)
+    heads: int = Field(4, ge=1)
+    unique_layers: int = Field(2, ge=1)   # N
+    loops: int = Field(4, ge=1)       # L_max
+    mlp_ratio: Float = 4.0
+    grid: list[Annotated[int, Field(gt=0)]] = Field(     # [H, W] or [T, H, W] token/latent grid
+        default_factory=lambda: [8, 8], min_length=2, max_length=3,
+        description="[H, W] or [T, H, W] of positive integers")
     channels: int = 1                 # latent channels (diffusion)
-    patch_size: int = 1               # spatial patch (diffusion)
-    temporal_patch: int = 1           # temporal patch (diffusion video)
-    vocab_size: int = 17              # codebook size (masked)
-    num_classes: int = 10
-    class_dropout: float = 0.1        # label drop for classifier-free guidance
+    patch_size: int = Field(1, ge=1)  # spatial patch (diffusion)
+    temporal_patch: int = Field(1, ge=1)   # temporal patch (diffusion video)
+    vocab_size: int = Field(17, ge=2)  # codebook size (masked)
+    num_classes: int = Field(10, ge=1)
+    class_dropout: Float = Field(0.1, ge=0, lt=1)   # label drop for classifier-free guidance
 
 
-@dataclass
-class ObjectiveConfig:
-    label_smoothing: float = 0.0      # masked CE
-    noise_shift: float = 1.0          # shifted-cosine schedule: SNR scaled by 1/shift**2 (diffusion)
-    sigmoid_bias: float = 0.0         # sigmoid loss weighting bias b in sigmoid(b - logSNR) (diffusion)
+class ObjectiveConfig(Section):
+    label_smoothing: Float = 0.0      # masked CE
+    noise_shift: Float = 1.0          # shifted-cosine schedule: SNR scaled by 1/shift**2 (diffusion)
+    sigmoid_bias: Float = 0.0         # sigmoid loss weighting bias b in sigmoid(b - logSNR) (diffusion)
 
 
-@dataclass
-class IlsdConfig:
+class IlsdConfig(Section):
     enabled: bool = True
-    min_loops: int = 1
-    lambda_start: float = 1.0
-    lambda_end: float = 0.0
-    lambda_steps: int = 0             # 0 means train.steps
+    min_loops: int = 1                # 1 .. model.loops-1 when enabled (checked across fields, below)
+    lambda_start: Float = Field(1.0, ge=0, le=1)
+    lambda_end: Float = Field(0.0, ge=0, le=1)
+    lambda_steps: int = Field(0, ge=0, description="0 = train.steps")
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 300
-    micro_batch: int = 32
-    grad_accum: int = 1
-    global_batch: int = 0             # 0: not checked; else must equal micro_batch*grad_accum*world
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1)
+    micro_batch: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    global_batch: int = Field(0, ge=0, description="0 = not checked")   # else must equal micro_batch*grad_accum*world
+    lr: Float = Field(1e-3, gt=0)
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: Float = 0.01
+    betas: list[Annotated[Float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.9, 0.99], min_length=2, max_length=2, description="[b1, b2] in [0, 1)")
+    grad_clip: Float = 1.0
     bf16: bool = True                 # used only where the device supports it
     checkpointing: Literal["none", "loop", "layer"] = "none"
-    log_every: int = 10
-    save_every: int = 100
-    keep_last: int = 2
-    resume: str = "auto"              # auto | never (refuses to overwrite a checkpoint) | PATH
-    ema_decay: float = 0.0
-    max_bad_steps: int = 5
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(100, ge=0, description="0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume: Str = "auto"              # auto | never (refuses to overwrite a checkpoint) | PATH
+    ema_decay: Float = Field(0.0, ge=0, lt=1, description="0 = off")
+    max_bad_steps: int = Field(5, ge=1)
     compile: bool = False
-    collective_timeout_s: float = 600  # a collective waiting longer for a peer fails (the job restarts); at least data.io_retry_s + io_timeout_s
-    watchdog_factor: float = 20       # a step slower than this x the median step exits the rank (0 = off)
-    watchdog_min_s: float = 180       # ... but never before this many seconds
-    watchdog_first_s: float = 1800    # the first step's allowance (compilation, warm-up)
-    heartbeat_timeout_s: float = 30   # a rank silent this long ends the job on every rank (0 = off)
+    # a collective waiting longer for a peer fails (the job restarts); at least data.io_retry_s + io_timeout_s
+    collective_timeout_s: Float = Field(600, gt=0)
+    watchdog_factor: Float = Field(20, ge=0)      # a step slower than this x the median step exits the rank (0 = off)
+    watchdog_min_s: Float = Field(180, ge=0)      # ... but never before this many seconds
+    watchdog_first_s: Float = Field(1800, ge=0)   # the first step's allowance (compilation, warm-up)
+    heartbeat_timeout_s: Float = 30   # a rank silent this long ends the job on every rank (0 = off)
 
 
-@dataclass
-class DeepSpeedConfig:
-    zero_stage: int = 0
+class DeepSpeedConfig(Section):
+    zero_stage: int = 0               # not Literal[0, 1, 2, 3]: pydantic's Literal takes true for 1
     offload_optimizer: bool = False
     offload_params: bool = False
-    extra: dict = field(default_factory=dict)   # merged verbatim into the generated DeepSpeed config
+    extra: dict = Field(default_factory=dict)   # merged verbatim into the generated DeepSpeed config
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     wandb_mode: Literal["disabled", "offline", "online"] = "disabled"  # opt in; WANDB_MODE env overrides
-    wandb_project: str = "elt-scale"
-    peak_tflops: float = 0.0          # per device, for MFU; 0 = not reported
+    wandb_project: Str = "elt-scale"
+    peak_tflops: Float = 0.0          # per device, for MFU; 0 = not reported
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """In-training any-time evaluation (elt_scale/engine/live_eval.py): the same classes and seeds at every L."""
-    every: int = 0                    # steps between evaluations; 0 = off
-    loops: str = ""                   # loop specs as for elt-sample --loops; "" = 1..model.loops
-    num: int = 16                     # samples per loop spec
-    classes: list = field(default_factory=list)   # sample i gets classes[i % len]; [] = i % model.num_classes
+    every: int = Field(0, ge=0, description="0 = off")   # steps between evaluations
+    loops: Str = ""                   # loop specs as for elt-sample --loops; "" = 1..model.loops
+    num: int = Field(16, ge=1)        # samples per loop spec
+    classes: list[int] = Field(default_factory=list)   # sample i gets classes[i % len]; [] = i % model.num_classes
     seed: int = 0
-    cfg: float = 1.0                  # classifier-free guidance scale (1 = off)
-    steps: int = 0                    # sampling steps; 0 = the sampler's default (elt-sample --steps)
+    cfg: Float = Field(1.0, ge=0, description="1 = no guidance")   # classifier-free guidance scale
+    steps: int = Field(0, ge=0, description="0 = the sampler's default")   # as elt-sample --steps
     sampler: Literal["ddpm", "ddim"] = "ddim"     # diffusion only
-    batch_size: int = 64
-    reference: str = ""               # FID reference (ADM .npz or shards dir), with inception_weights
-    inception_weights: str = ""       # local Inception file (elt-eval fid --inception-weights)
+    batch_size: int = Field(64, ge=1)
+    reference: Str = ""               # FID reference (ADM .npz or shards dir), with inception_weights
+    inception_weights: Str = ""       # local Inception file (elt-eval fid --inception-weights)
 
 
-@dataclass
-class Recipe:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    ilsd: IlsdConfig = field(default_factory=IlsdConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    ilsd: IlsdConfig = Field(default_factory=IlsdConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw):     # `train:` with nothing under it is the defaults
+        return {k: {} if v is None else v for k, v in raw.items()} if isinstance(raw, dict) else raw
+
+    @model_validator(mode="after")
+    def _across_fields(self):
+        """What one field's type and bounds cannot say."""
+        m, i, t, d, e = self.model, self.ilsd, self.train, self.deepspeed, self.eval
+        _check(m.width % m.heads == 0, "model.width", m.width, f"a positive multiple of model.heads ({m.heads})")
+        _check(all(g % m.patch_size == 0 for g in m.grid[-2:]), "model.patch_size", m.patch_size,
+               f"a divisor of the spatial grid {m.grid[-2:]}")
+        _check(len(m.grid) == 2 or m.grid[0] % m.temporal_patch == 0, "model.temporal_patch", m.temporal_patch,
+               "a divisor of the temporal grid")
+        if i.enabled:
+            _check(m.loops >= 2, "model.loops", m.loops, ">= 2 when ilsd.enabled (the student needs L_int < L_max)")
+            _check(1 <= i.min_loops < m.loops, "ilsd.min_loops", i.min_loops, f"1 .. model.loops-1 = {m.loops - 1}")
+        _check(t.heartbeat_timeout_s == 0 or t.heartbeat_timeout_s >= 3, "train.heartbeat_timeout_s",
+               t.heartbeat_timeout_s, "0 (off) or >= 3 (ranks beat every second)")
+        _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "0, 1, 2, 3")
+        # DeepSpeed documents these for those stages only and quietly ignores them at the others
+        _check(not d.offload_optimizer or d.zero_stage >= 1, "deepspeed.offload_optimizer", d.offload_optimizer,
+               "false at deepspeed.zero_stage=0 (ZeRO-Offload needs stage 1, 2 or 3)")
+        _check(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", d.offload_params,
+               f"false at deepspeed.zero_stage={d.zero_stage} (parameters are partitioned, so offloadable, only "
+               "at stage 3)")
+        _check(all(0 <= c < m.num_classes for c in e.classes), "eval.classes", e.classes,
+               f"class ids in 0..{m.num_classes - 1}")
+        _check(bool(e.reference) == bool(e.inception_weights), "eval.reference", e.reference,
+               "set together with eval.inception_weights (FID needs both), or neither")
+        try:
+            parse_loop_list(e.loops or f"1-{m.loops}", m.loops)
+        except ValueError as err:
+            raise RecipeError(f"eval.loops={e.loops!r}: {err}") from None
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +211,7 @@ class Recipe:
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """YAML recipe (or defaults when path is None) + `a.b=value` overrides -> validated Recipe."""
     if path is None:
-        return recipe_from_yaml("", overrides)
+        return recipe_from_yaml("", overrides, where="")
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -166,19 +220,22 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def recipe_from_yaml(text: str, overrides: list[str] | tuple[str, ...] = (), where: str = "recipe") -> Recipe:
-    """The same from YAML text (e.g. the recipe stored in an export's metadata); `where` names it in errors."""
+    """The same from YAML text (e.g. the recipe stored in an export's metadata); `where` names it in errors:
+    after the key's message ('train.steps=0 is out of range; allowed: >= 1; in recipes/x.yaml')."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not a plain YAML recipe ({e})") from e
+        raise RecipeError(f"{where or 'recipe'}: not a plain YAML recipe ({e})") from e
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: top level must be a mapping of sections")
+        raise RecipeError(f"{where or 'recipe'}: top level must be a mapping of sections")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    recipe = _build(Recipe, raw, "")
-    validate(recipe)
-    return recipe
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:   # the first problem, unknown keys before the rest, as one line
+        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise RecipeError(explain(first) + (f"; in {where}" if where else "")) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -198,7 +255,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        node[p] = {} if node.get(p) is None else node[p]     # `train:` left empty in the YAML is a section
+        node = node[p]
         if not isinstance(node, dict):
             raise RecipeError(f"override {key}: {p} is not a section")
     node[parts[-1]] = value
@@ -206,154 +264,48 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def unknown_key(key: str, where: str, allowed: list[str]) -> str:
     """'unknown key train.stpes in train (did you mean train.steps?); allowed: ...'."""
-    import difflib
     section, _, name = key.rpartition(".")
     near = difflib.get_close_matches(str(name), allowed, n=1)
     hint = f" (did you mean {section + '.' if section else ''}{near[0]}?)" if near else ""
     return f"unknown key {key} in {where}{hint}; allowed: {', '.join(allowed)}"
 
 
-def _build(cls, raw: Any, prefix: str):
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise RecipeError(unknown_key(f"{prefix}{unknown[0]}", prefix.rstrip(".") or "the recipe", sorted(fields)))
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
+EXPECTED = {"int": "an integer", "bool": "true or false", "float": "a number", "string": "a string",
+            "list": "a list like [1, 2]", "dict": "a mapping", "model": "a mapping"}
+OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+                "string_pattern_mismatch"}
 
 
-def _coerce(tp, value, key):
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value or {}, key + ".")
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise RecipeError(f"{key}={value!r}: allowed values are {', '.join(map(str, choices))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}={value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{key}={value!r}: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):   # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{key}={value!r}: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise RecipeError(f"{key}={value!r}: expected a string")
-        return str(value)
-    if tp is list or origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}={value!r}: expected a list like [1, 2]")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}={value!r}: expected a mapping")
-        return value
-    return value
+def explain(err: dict) -> str:
+    """One pydantic error -> 'train.betas[1]='x': expected a number' (key, value, what is allowed)."""
+    if err["type"] == "value_error" and isinstance(err["ctx"]["error"], RecipeError):
+        return str(err["ctx"]["error"])         # a check across fields, worded where it is made
+    names = [p for p in err["loc"] if isinstance(p, str)]
+    key = ".".join(names) + "".join(f"[{p}]" for p in err["loc"] if isinstance(p, int))
+    owner, info = Recipe, None
+    for name in names:                           # the model that holds the key, and the key's field
+        owner = info.annotation if info else owner
+        info = owner.model_fields.get(name)
+    if err["type"] == "extra_forbidden":
+        return unknown_key(key, ".".join(names[:-1]) or "the recipe", sorted(owner.model_fields))
+    value, kind = err["input"], err["type"]
+    if kind == "literal_error":
+        return f"{key}={value!r}: allowed values are {', '.join(map(str, typing.get_args(info.annotation)))}"
+    if kind in OUT_OF_RANGE:
+        return f"{key}={value!r} is out of range; allowed: {allowed(info) or err['msg']}"
+    expected = EXPECTED.get(kind.split("_")[0])
+    return f"{key}={value!r}: " + (f"expected {expected}" if expected else err["msg"])
 
 
-def _check(cond: bool, key: str, value, allowed: str) -> None:
-    if not cond:
-        raise RecipeError(f"{key}={value!r} is out of range; allowed: {allowed}")
-
-
-_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-
-
-def validate(r: Recipe) -> None:
-    m, t, i = r.model, r.train, r.ilsd
-    _check(bool(_RUN_NAME.fullmatch(r.run.name)) and ".." not in r.run.name, "run.name", r.run.name,
-           "letters, digits, '_', '-', '.' (it names a directory under run.out_dir)")
-    _check(m.width > 0 and m.heads > 0 and m.width % m.heads == 0, "model.width", m.width,
-           f"a positive multiple of model.heads ({m.heads})")
-    _check(m.unique_layers >= 1, "model.unique_layers", m.unique_layers, ">= 1")
-    _check(m.loops >= 1, "model.loops", m.loops, ">= 1")
-    _check(len(m.grid) in (2, 3) and all(isinstance(g, int) and g > 0 for g in m.grid),
-           "model.grid", m.grid, "[H, W] or [T, H, W] of positive integers")
-    _check(m.vocab_size >= 2, "model.vocab_size", m.vocab_size, ">= 2")
-    _check(m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1")
-    _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", m.class_dropout, "0 <= p < 1")
-    _check(m.patch_size >= 1 and all(g % m.patch_size == 0 for g in m.grid[-2:]), "model.patch_size",
-           m.patch_size, f"a divisor of the spatial grid {m.grid[-2:]}")
-    _check(m.temporal_patch >= 1 and (len(m.grid) == 2 or m.grid[0] % m.temporal_patch == 0),
-           "model.temporal_patch", m.temporal_patch, "a divisor of the temporal grid")
-    if i.enabled:
-        _check(m.loops >= 2, "model.loops", m.loops, ">= 2 when ilsd.enabled (the student needs L_int < L_max)")
-        _check(1 <= i.min_loops < m.loops, "ilsd.min_loops", i.min_loops, f"1 .. model.loops-1 = {m.loops - 1}")
-    for key in ("lambda_start", "lambda_end"):
-        v = getattr(i, key)
-        _check(0.0 <= v <= 1.0, f"ilsd.{key}", v, "0 .. 1")
-    _check(i.lambda_steps >= 0, "ilsd.lambda_steps", i.lambda_steps, ">= 0 (0 = train.steps)")
-    _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
-    _check(t.micro_batch >= 1, "train.micro_batch", t.micro_batch, ">= 1")
-    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
-    _check(t.global_batch >= 0, "train.global_batch", t.global_batch, ">= 0 (0 = not checked)")
-    _check(t.lr > 0, "train.lr", t.lr, "> 0")
-    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "0 .. 1")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "[b1, b2] in [0, 1)")
-    _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
-    _check(t.save_every >= 0, "train.save_every", t.save_every, ">= 0 (0 = only at the end)")
-    _check(t.keep_last >= 1, "train.keep_last", t.keep_last, ">= 1")
-    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "0 (off) .. <1")
-    _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, ">= 1")
-    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "> 0")
-    for key in ("watchdog_factor", "watchdog_min_s", "watchdog_first_s"):
-        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0")
-    _check(t.heartbeat_timeout_s == 0 or t.heartbeat_timeout_s >= 3, "train.heartbeat_timeout_s",
-           t.heartbeat_timeout_s, "0 (off) or >= 3 (ranks beat every second)")
-    d = r.deepspeed
-    _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "0, 1, 2, 3")
-    # DeepSpeed documents these for those stages only and quietly ignores them at the others
-    _check(not d.offload_optimizer or d.zero_stage >= 1, "deepspeed.offload_optimizer", d.offload_optimizer,
-           "false at deepspeed.zero_stage=0 (ZeRO-Offload needs stage 1, 2 or 3)")
-    _check(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", d.offload_params,
-           f"false at deepspeed.zero_stage={d.zero_stage} (parameters are partitioned, so offloadable, only at stage 3)")
-    _check(r.data.shuffle_buffer >= 0, "data.shuffle_buffer", r.data.shuffle_buffer, ">= 0")
-    _check(r.data.num_workers >= 0, "data.num_workers", r.data.num_workers, ">= 0")
-    _check(r.data.io_timeout_s > 0, "data.io_timeout_s", r.data.io_timeout_s, "> 0")
-    _check(r.data.io_retry_s >= 0, "data.io_retry_s", r.data.io_retry_s, ">= 0 (0 = no retries)")
-    validate_eval(r)
-
-
-def validate_eval(r: Recipe) -> None:
-    e, n = r.eval, r.model.num_classes
-    _check(e.every >= 0, "eval.every", e.every, ">= 0 (0 = off)")
-    _check(e.num >= 1, "eval.num", e.num, ">= 1")
-    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
-    _check(e.steps >= 0, "eval.steps", e.steps, ">= 0 (0 = the sampler's default)")
-    _check(e.cfg >= 0, "eval.cfg", e.cfg, ">= 0 (1 = no guidance)")
-    _check(all(isinstance(c, int) and 0 <= c < n for c in e.classes), "eval.classes", e.classes,
-           f"class ids in 0..{n - 1}")
-    _check(bool(e.reference) == bool(e.inception_weights), "eval.reference", e.reference,
-           "set together with eval.inception_weights (FID needs both), or neither")
-    try:
-        parse_loop_list(e.loops or f"1-{r.model.loops}", r.model.loops)
-    except ValueError as err:
-        raise RecipeError(f"eval.loops={e.loops!r}: {err}") from None
+def allowed(info) -> str:
+    """'>= 0 (0 = off)' from a field's bounds and description."""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    bounds = " and ".join(f"{ops[k]} {getattr(m, k)}" for m in info.metadata for k in ops if hasattr(m, k))
+    return f"{bounds} ({info.description})" if bounds and info.description else bounds or info.description or ""
 
 
 def recipe_to_dict(r: Recipe) -> dict:
-    return dataclasses.asdict(r)
+    return r.model_dump()
 
 
 def save_recipe(r: Recipe, path: str | Path) -> None:
