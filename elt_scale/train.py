@@ -48,7 +48,7 @@ from .engine.resume import ResumeRefused, Started, start_engine
 from .engine.rundir import add_to_run_info, open_run, start_line
 from .engine.watchdog import StepWatchdog
 from .files import free_space
-from .ilsd import draw_l_int, ilsd_loss
+from .objectives import draw_l_int, ilsd_loss
 from .objectives import build_objective
 from .schedules import Schedules
 from .seeding import generator
