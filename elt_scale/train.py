@@ -104,7 +104,6 @@ def micro_step(engine, objective, batch, recipe, schedules: Schedules, step: int
     the global batch: the same draws on any layout and after a resume. On the training device, so preparing
     a batch needs no copy from the host (the CPU and CUDA streams differ; each is reproducible)."""
     r = recipe
-    faults.die_at(step + 1, rank)                                         # test-only (ELT_FAULT)
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
     j = rank * r.train.grad_accum + micro
     prepared = objective.prepare(x, labels, generator(r.run.seed, "batch", step, j, device=engine.device))
@@ -116,9 +115,6 @@ def micro_step(engine, objective, batch, recipe, schedules: Schedules, step: int
     else:
         l_int, lam, student = l_max, 1.0, None
         (teacher,) = engine(*prepared.inputs, exits=(l_max,))
-    if faults.nan_at(step + 1, rank, micro):                              # test-only (ELT_FAULT): a bad exit
-        student = student * float("nan") if student is not None else None
-        teacher = teacher * float("nan") if student is None else teacher
     loss, terms = ilsd_loss(teacher, student, objective, prepared, lam)
     engine.backward(poison(loss))
     engine.step()
@@ -225,6 +221,7 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, l
     if opened is None:
         return SAVE_FAILED_EXIT_CODE
     info, reporter = opened
+    faults.install(started.engine.module, rank, started.state.step, recipe.train.grad_accum)   # test-only: ELT_FAULT
     ledger.first_step = ledger.last_step = started.state.step
     ledger.open()
     for note in started.notes:
