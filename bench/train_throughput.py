@@ -45,7 +45,7 @@ from common import Deadline, device_facts, free_memory, matmul_peak_tflops, on_g
 from presets import PRESETS, TINY, TINY_GRID
 
 from elt_scale.config import load_recipe
-from elt_scale.engine.ds_config import make_ds_config, make_optimizer
+from elt_scale.engine.resume import make_ds_config, make_optimizer
 from elt_scale.engine.ema import ShardedEMA
 from elt_scale.models import build_model, count_params
 from elt_scale.flops import sequence_length, train_flops_per_sample, trunk_flops

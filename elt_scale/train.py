@@ -37,14 +37,13 @@ from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
 from .engine.distributed import collective_deadline_s, init_distributed
-from .engine.ds_config import BatchMismatch, make_ds_config, set_lr
 from .engine.goodput import Ledger, summary_line
 from .engine.guard import AgreedFlags, NumericsGuard, NumericsStop, poison, term_flags
 from .engine.heartbeat import Heartbeat
 from .engine.live_eval import EvalSetupError, LiveEval, preflight
 from .engine.logger import Reporter, Throughput
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
-from .engine.resume import ResumeRefused, Started, start_engine
+from .engine.resume import BatchMismatch, ResumeRefused, Started, make_ds_config, set_lr, start_engine
 from .engine.rundir import add_to_run_info, open_run, start_line
 from .engine.watchdog import StepWatchdog
 from .files import free_space
