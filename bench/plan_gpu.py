@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elt_scale.config import load_recipe  # noqa: E402
-from elt_scale.ilsd import ilsd_loss  # noqa: E402
+from elt_scale.objectives import ilsd_loss  # noqa: E402
 from elt_scale.models import build_model  # noqa: E402
 from elt_scale.objectives import build_objective  # noqa: E402
 from elt_scale.plan import PRECISIONS, activation_parts, parameter_counts, state_bytes  # noqa: E402

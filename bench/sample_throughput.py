@@ -29,7 +29,7 @@ from presets import PRESETS, TINY, TINY_GRID
 
 from elt_scale.config import load_recipe
 from elt_scale.models import build_model
-from elt_scale.models.flops import forward_flops
+from elt_scale.flops import forward_flops
 
 FAMILY_PRESET = {"masked": "elt-xl-masked", "diffusion": "elt-xl-diffusion"}
 STEPS = {"masked": 24, "diffusion": 512}

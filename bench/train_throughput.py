@@ -11,7 +11,7 @@ on synthetic batches of the recipe's shape: what a user's run gets, minus data l
 (bench/dataloader.py measures that) and the loop's logging. Protocol: `--warmup` steps (which
 include torch.compile), then `--windows` windows of `--steps` steps, each between two device
 synchronisations; step time = the median window's elapsed / steps. FLOPs are model FLOPs
-(elt_scale.models.flops: 3× forward; recomputation from checkpointing is not counted, so checkpointing
+(elt_scale.flops: 3× forward; recomputation from checkpointing is not counted, so checkpointing
 shows up as lower TFLOP/s). MFU is against a bf16 matmul measured in the same run. Cases:
 
   variants  vanilla   the looped model to L_max, GT loss only
@@ -45,10 +45,10 @@ from common import Deadline, device_facts, free_memory, matmul_peak_tflops, on_g
 from presets import PRESETS, TINY, TINY_GRID
 
 from elt_scale.config import load_recipe
-from elt_scale.engine.ds_config import make_ds_config, make_optimizer
+from elt_scale.engine.resume import make_ds_config, make_optimizer
 from elt_scale.engine.ema import ShardedEMA
 from elt_scale.models import build_model, count_params
-from elt_scale.models.flops import sequence_length, train_flops_per_sample, trunk_flops
+from elt_scale.flops import sequence_length, train_flops_per_sample, trunk_flops
 from elt_scale.objectives import build_objective
 from elt_scale.schedules import Schedules
 from elt_scale.train import micro_step

@@ -7,6 +7,7 @@ out-of-range error gives after the bounds.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -260,6 +261,15 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"override {key}: {p} is not a section")
     node[parts[-1]] = value
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over a copy of `base`: dicts merged key by key, anything else replaced (deepspeed.extra over the
+    DeepSpeed config the trainer makes)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def unknown_key(key: str, where: str, allowed: list[str]) -> str:

@@ -59,7 +59,7 @@ from .cli import ArgumentParser
 from .config import RecipeError, load_recipe
 from .data.mix import format_plan_mix, plan_mix
 from .models import build_model, param_counts
-from .models.flops import forward_flops, sequence_length, train_flops_per_sample
+from .flops import forward_flops, sequence_length, train_flops_per_sample
 from .plan_schedules import format_schedules, schedule_summary, write_schedules_png
 
 GiB = 2**30

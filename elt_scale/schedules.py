@@ -11,7 +11,7 @@ The learning rate rises linearly from lr/warmup_steps at step 1 to lr at step wa
 DiT's warm-up), then follows a half cosine to lr·min_lr_ratio at the last step. Because it is a function of
 the step alone, a resume on any layout and a step skipped for non-finite gradients leave it where the closed
 form says (DeepSpeed's own WarmupCosineLR warms up on a log ramp by default and does not advance over skipped
-steps). The trainer writes it into the optimizer before every update (engine/ds_config.set_lr)."""
+steps). The trainer writes it into the optimizer before every update (engine/resume.set_lr)."""
 from __future__ import annotations
 
 import math

@@ -37,18 +37,17 @@ from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
 from .engine.distributed import collective_deadline_s, init_distributed
-from .engine.ds_config import BatchMismatch, make_ds_config, set_lr
 from .engine.goodput import Ledger, summary_line
 from .engine.guard import AgreedFlags, NumericsGuard, NumericsStop, poison, term_flags
 from .engine.heartbeat import Heartbeat
 from .engine.live_eval import EvalSetupError, LiveEval, preflight
 from .engine.logger import Reporter, Throughput
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
-from .engine.resume import ResumeRefused, Started, start_engine
+from .engine.resume import BatchMismatch, ResumeRefused, Started, make_ds_config, set_lr, start_engine
 from .engine.rundir import add_to_run_info, open_run, start_line
 from .engine.watchdog import StepWatchdog
 from .files import free_space
-from .ilsd import draw_l_int, ilsd_loss
+from .objectives import draw_l_int, ilsd_loss
 from .objectives import build_objective
 from .schedules import Schedules
 from .seeding import generator
@@ -104,7 +103,6 @@ def micro_step(engine, objective, batch, recipe, schedules: Schedules, step: int
     the global batch: the same draws on any layout and after a resume. On the training device, so preparing
     a batch needs no copy from the host (the CPU and CUDA streams differ; each is reproducible)."""
     r = recipe
-    faults.die_at(step + 1, rank)                                         # test-only (ELT_FAULT)
     x, labels = (t.to(engine.device, non_blocking=True) for t in batch)
     j = rank * r.train.grad_accum + micro
     prepared = objective.prepare(x, labels, generator(r.run.seed, "batch", step, j, device=engine.device))
@@ -116,9 +114,6 @@ def micro_step(engine, objective, batch, recipe, schedules: Schedules, step: int
     else:
         l_int, lam, student = l_max, 1.0, None
         (teacher,) = engine(*prepared.inputs, exits=(l_max,))
-    if faults.nan_at(step + 1, rank, micro):                              # test-only (ELT_FAULT): a bad exit
-        student = student * float("nan") if student is not None else None
-        teacher = teacher * float("nan") if student is None else teacher
     loss, terms = ilsd_loss(teacher, student, objective, prepared, lam)
     engine.backward(poison(loss))
     engine.step()
@@ -225,6 +220,7 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, l
     if opened is None:
         return SAVE_FAILED_EXIT_CODE
     info, reporter = opened
+    faults.install(started.engine.module, rank, started.state.step, recipe.train.grad_accum)   # test-only: ELT_FAULT
     ledger.first_step = ledger.last_step = started.state.step
     ledger.open()
     for note in started.notes:

@@ -12,13 +12,17 @@ produce (a signal, a kill -9, a truncated file) sets, for the processes it start
   die_at:R:S        rank R SIGKILLs itself as step S starts (a rank that always dies, when S comes
                     before the first checkpoint: a crash loop)
 
-Unset, every hook is a dictionary lookup that returns False/None.
+nan_steps and die_at reach the training step as hooks on the model (`install`, once at set-up), so the
+step itself (train.py's micro_step) carries no test code; unset, nothing is registered and the one hook left
+in the save path (kill_in_save) is a dictionary lookup.
 """
 from __future__ import annotations
 
 import functools
 import os
 import signal
+
+import torch
 
 ENV = "ELT_FAULT"
 
@@ -62,3 +66,36 @@ def kill_in_save(step: int) -> None:
 def die_at(step: int, rank: int) -> None:
     if plan().get("die_at") == (rank, step):
         _die()
+
+
+def install(model, rank: int, first_step: int, grad_accum: int) -> list:
+    """Registers nan_steps / die_at on the training model (engine.module), only when ELT_FAULT asks for them;
+    returns the hook handles ([] when unset). Called once, before the first step.
+
+    A hook knows the step by counting training forwards: the trainer runs exactly grad_accum of them per step,
+    one per micro-batch, from the step it starts at (`first_step`: 0, or a resumed checkpoint's step), so the
+    n-th forward is micro-batch n % grad_accum of step first_step + n // grad_accum + 1 (1-based, as ELT_FAULT
+    counts). Only forwards with gradients count: in-training evaluation samples with its own copy of the model
+    (engine/live_eval.py) under no_grad, and would not shift the count even if it used this one."""
+    faults = plan()
+    if "nan_steps" not in faults and "die_at" not in faults:
+        return []
+    forwards = [0]
+
+    def where() -> tuple[int, int]:
+        return first_step + forwards[0] // grad_accum + 1, forwards[0] % grad_accum
+
+    def before(module, args):
+        if torch.is_grad_enabled():
+            die_at(where()[0], rank)                    # as step S starts: before its first forward
+
+    def after(module, args, exits):
+        if not torch.is_grad_enabled():
+            return None
+        step, micro = where()
+        forwards[0] += 1
+        if nan_at(step, rank, micro):                   # the first exit: the student (ILSD), else the teacher
+            return (exits[0] * float("nan"), *exits[1:])
+        return None
+
+    return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]

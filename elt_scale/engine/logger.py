@@ -24,7 +24,7 @@ import torch
 from ..config import recipe_to_dict
 from ..files import atomic_write_text
 from ..models import param_counts
-from ..models.flops import sequence_length, train_flops_per_sample
+from ..flops import sequence_length, train_flops_per_sample
 from .ds_internals import full_numel
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import merge
 from ..inference.weights import read_client
-from .ds_config import merge
 from .distributed import solo
 from .ds_internals import adam_step, load_zero3, load_zero12
 

@@ -1,5 +1,5 @@
 """DDPM (ancestral) and DDIM (deterministic) sampling for the diffusion ELT, in the continuous-t
-shifted-cosine schedule used in training (`objectives.noise`); the model predicts x0.
+shifted-cosine schedule used in training (`objectives.py`); the model predicts x0.
 
 Time runs from t=1 (pure noise) to t=0 in `steps` equal steps. Each step predicts x0, turns it into
 the implied noise, and moves to the next t: DDIM along the deterministic path, DDPM by drawing from
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..loopspec import LoopSchedule
-from ..objectives.noise import alpha_sigma
+from ..objectives import alpha_sigma
 from .predict import Cost, diffusion_x0, guided
 
 SAMPLERS = ("ddpm", "ddim")

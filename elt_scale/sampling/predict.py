@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..loopspec import Adaptive
-from ..models.flops import embed_flops, readout_flops, trunk_flops
+from ..flops import embed_flops, readout_flops, trunk_flops
 from .loops import run_trunk
 
 

@@ -36,7 +36,7 @@ def val_loss_by_loops(model, codes: torch.Tensor, labels: torch.Tensor, loops: l
                       repeats: int = 4, batch: int = 256) -> dict[int, float]:
     """Held-out masked-token cross-entropy at each loop count: the same masks (cosine schedule, seeded)
     for every L, true class labels; all exits come from one forward pass to max(loops)."""
-    from ..objectives.masking import masked_ce, random_mask
+    from ..objectives import masked_ce, random_mask
     g = generator(seed, "val")
     totals, count = {L: 0.0 for L in loops}, 0.0
     for _ in range(repeats):
@@ -55,7 +55,7 @@ def val_mse_by_loops(model, recipe, x0: torch.Tensor, labels: torch.Tensor, loop
                      repeats: int = 4, batch: int = 256) -> dict[int, float]:
     """Held-out diffusion loss at each loop count: the training objective's weighted x0-MSE, with the same
     seeded times and noise for every L and true class labels; all exits from one forward pass."""
-    from ..objectives.noise import add_noise, weighted_mse, x0_weight
+    from ..objectives import add_noise, weighted_mse, x0_weight
     o, g = recipe.objective, generator(seed, "val")
     totals, count = {L: 0.0 for L in loops}, 0
     for _ in range(repeats):

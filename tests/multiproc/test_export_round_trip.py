@@ -28,7 +28,7 @@ def engine_outputs(run_dir, inputs, monkeypatch):
     import torch.distributed as dist
 
     from elt_scale.dist import free_port
-    from elt_scale.engine.ds_config import make_ds_config, make_optimizer
+    from elt_scale.engine.resume import make_ds_config, make_optimizer
     from elt_scale.engine.ema import ShardedEMA
     from elt_scale.models import build_model
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from elt_scale.ilsd import draw_l_int
+from elt_scale.objectives import draw_l_int
 
 
 def _gather_l_int(rank, world, port, out):

@@ -122,7 +122,7 @@ def test_shape_mismatch_names_a_parameter():
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_optimizer_keeps_norms_and_biases_out_of_weight_decay(offload):
-    from elt_scale.engine.ds_config import make_optimizer
+    from elt_scale.engine.resume import make_optimizer
     from elt_scale.models import build_model
     recipe = load_recipe(ROOT / "recipes" / "digits_masked.yaml",
                          ["deepspeed.zero_stage=2", f"deepspeed.offload_optimizer={str(offload).lower()}"])

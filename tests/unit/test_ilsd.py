@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elt_scale.ilsd import draw_l_int, ilsd_lambda, ilsd_loss
+from elt_scale.objectives import draw_l_int, ilsd_lambda, ilsd_loss
 from elt_scale.models import build_model
 from elt_scale.objectives import build_objective
-from elt_scale.objectives.noise import logsnr
+from elt_scale.objectives import logsnr
 from tests.tiny_models import inputs, perturb, tiny
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from elt_scale.models import build_model, count_params
-from elt_scale.models.trunk import LoopedTrunk
+from elt_scale.models import LoopedTrunk
 from tests.tiny_models import inputs, perturb, tiny
 
 
@@ -100,7 +100,7 @@ def test_video_inputs(family):
 def test_flops_scale_with_loops_and_match_a_profiler():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from elt_scale.models.flops import forward_flops, sequence_length, trunk_flops
+    from elt_scale.flops import forward_flops, sequence_length, trunk_flops
     for family in ("masked", "diffusion"):
         r = tiny(family)
         m = r.model

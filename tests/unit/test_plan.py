@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from elt_scale.config import load_recipe
-from elt_scale.ilsd import ilsd_loss
+from elt_scale.objectives import ilsd_loss
 from elt_scale.models import build_model
 from elt_scale.objectives import build_objective
 from elt_scale.plan import PRECISIONS, GiB, activation_parts, make_plan, memory, parameter_counts, state_bytes

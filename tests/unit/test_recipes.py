@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elt_scale.config import load_recipe
-from elt_scale.engine.ds_config import global_batch
+from elt_scale.engine.resume import global_batch
 from elt_scale.models import build_model, count_params
 from elt_scale.plan import make_plan
 from tests.conftest import ROOT

@@ -8,7 +8,7 @@ import torch
 from elt_scale.config import load_recipe
 from elt_scale.loopspec import Adaptive
 from elt_scale.models import build_model
-from elt_scale.models.flops import forward_flops
+from elt_scale.flops import forward_flops
 from elt_scale.sampling import generate, parse_loop_list, parse_loops
 from elt_scale.sampling.loops import run_adaptive
 from elt_scale.sampling.maskgit import choice_temperature, maskgit_sample
@@ -177,7 +177,7 @@ def test_gumbel_noise_is_finite_with_the_right_mean():
 
 
 def test_ddim_and_ddpm_steps_follow_the_training_schedule():
-    from elt_scale.objectives.noise import add_noise, alpha_sigma
+    from elt_scale.objectives import add_noise, alpha_sigma
     from elt_scale.sampling.diffusion import ddim_step, ddpm_step
     g = gen(0)
     x0 = torch.full((20000, 1), 0.7)

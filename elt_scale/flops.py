@@ -4,7 +4,7 @@ A looped trunk costs N unique layers × L loops; an ILSD training step runs the 
 student is a prefix of it) and adds only one extra readout for the student exit."""
 from __future__ import annotations
 
-from .embeddings import num_tokens
+from .models import num_tokens
 
 
 def layer_flops(tokens: int, width: int, mlp_ratio: float, adaln: bool) -> float:
