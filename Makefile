@@ -20,11 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m elt_scale.demo
+	$(PY) -m studies.demo
 
 # both claims, both families: ILSD, vanilla and two plain baselines (docs/reproduce.md)
 reproduce: setup
-	$(PY) -m elt_scale.reproduce
+	$(PY) -m studies.reproduce
 
 # the whole suite, as CI runs it (.ci/run)
 test: setup

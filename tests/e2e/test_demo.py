@@ -9,9 +9,9 @@ import sys
 import torch
 
 from elt_scale.config import load_recipe
-from elt_scale.demo import CLAIMS
 from elt_scale.models import build_model
-from elt_scale.study.measure import val_loss_by_loops
+from studies.demo import CLAIMS
+from studies.measure import val_loss_by_loops
 from tests.conftest import ROOT
 
 SEEDS = (0, 1)
@@ -19,7 +19,7 @@ SEEDS = (0, 1)
 
 def test_quick_demo_writes_results_and_its_quick_claims_hold(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "elt_scale.demo", "--quick", "--seeds", ",".join(map(str, SEEDS)),
+    r = subprocess.run([sys.executable, "-m", "studies.demo", "--quick", "--seeds", ",".join(map(str, SEEDS)),
                         "--out", str(out), "--shards", str(tmp_path / "shards")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -9,16 +9,16 @@ import torch
 
 from elt_scale.config import load_recipe
 from elt_scale.models import build_model
-from elt_scale.reproduce import CLAIMS, FAMILIES, MODELS, QUALITY_BARS, model_overrides
-from elt_scale.study.measure import loop_counts, val_mse_by_loops
-from elt_scale.study.results import COLUMNS
-from elt_scale.study.runs import train_losses
+from studies.measure import loop_counts, val_mse_by_loops
+from studies.reproduce import CLAIMS, FAMILIES, MODELS, QUALITY_BARS, model_overrides
+from studies.results import COLUMNS
+from studies.runs import train_losses
 from tests.conftest import ROOT
 
 
 def test_quick_reproduce_covers_every_model_and_loop_count(tmp_path):
     out = tmp_path / "reproduce"
-    r = subprocess.run([sys.executable, "-m", "elt_scale.reproduce", "--quick", "--seeds", "0", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "studies.reproduce", "--quick", "--seeds", "0", "--out", str(out),
                         "--shards", str(tmp_path / "shards")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "reproduce: finished" in r.stdout

@@ -17,7 +17,7 @@ GENERATED = {"batch_mix.md", "demo.md", "reproduce.md"}         # written by ben
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 SHELL = {"bash", "sh", "shell", "console"}
-REPO_DIRS = (".ci", "bench", "slurm", "data_prep", "recipes", "tests", "elt_scale", "docs")
+REPO_DIRS = (".ci", "bench", "slurm", "data_prep", "recipes", "tests", "elt_scale", "studies", "docs")
 REPO_PATH = re.compile(r"(?<![\w/.])((?:%s)/[\w./-]*\w)" % "|".join(map(re.escape, REPO_DIRS)))
 USER_FILES = {"slurm/env.sh"}                                   # a file the docs ask the user to create
 
@@ -93,7 +93,7 @@ def problems_in(line: str, scripts: set[str], targets: set[str]) -> list[str]:
                         out.append(f"make {target}: no such Makefile target")
         if tok in {"-m", "--module"} and i + 1 < len(tokens):
             module = tokens[i + 1]
-            if module.split(".")[0] in {"elt_scale", "data_prep", "bench"} and not runnable_module(module):
+            if module.split(".")[0] in {"elt_scale", "data_prep", "bench", "studies"} and not runnable_module(module):
                 out.append(f"-m {module}: no runnable module")
         path = tok.split("=", 1)[-1]
         if (path.split("/")[0] in REPO_DIRS and "/" in path
@@ -166,12 +166,13 @@ def test_the_command_checker_catches_what_it_should():
     assert {"elt-train", "elt-sample", "elt-eval", "elt-export", "elt-plan", "elt-tokenize"} <= scripts
     assert {"demo", "test", "reproduce"} <= targets
     ok = ["elt-sample runs/NAME --loops 1,2,4  # a comment naming elt-nothing",
-          "make demo", "python -m elt_scale.study.readme --check", "python data_prep/tokenize.py --merge --out DIR",
+          "make demo", "python -m studies.readme --check", "python data_prep/tokenize.py --merge --out DIR",
           "OUT=/tmp/x bash bench/gpu.sh --cpu", "sbatch --nodes 16 slurm/train_large.sh recipes/digits_masked.yaml",
           "deepspeed --num_gpus 8 --module elt_scale.train recipes/digits_masked.yaml",
-          "python -m elt_scale.demo --results docs && python -m elt_scale.study.readme"]
+          "python -m studies.demo --results docs && python -m studies.readme", "python -m studies.reproduce --help"]
     assert [problems_in(line, scripts, targets) for line in ok] == [[]] * len(ok)
     wrong = ["elt-nothing runs/NAME", "make demos", "python -m elt_scale.nothing", "python -m elt_scale.config",
+             "python -m elt_scale.demo", "python -m studies.nothing", "python -m studies.claims",
              "python data_prep/nothing.py", "bash bench/nothing.sh", "sbatch slurm/nothing.sh",
              "torchrun -m elt_scale.nothing", "elt-train recipes/nothing.yaml", "true && make nothing",
              "bash .ci/nothing"]

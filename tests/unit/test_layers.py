@@ -1,6 +1,10 @@
 """The package's import arrows point down: config ← data, models, objectives ← sampling ← inference ← engine ←
-train and the CLIs. Every import in elt_scale/ counts, also the lazy ones inside functions."""
+train and the CLIs. Every import in elt_scale/ counts, also the lazy ones inside functions. Above the package,
+outside it: studies/ (the digits studies and the README's result blocks, repository only), which elt_scale/ must
+never import and a wheel must not contain."""
 import ast
+import fnmatch
+import re
 
 import pytest
 
@@ -13,9 +17,9 @@ LAYERS = [   # lowest first; a module may import its own layer and the ones belo
     {"sampling"},
     {"inference"},
     {"engine"},
-    {"train", "sample", "evaluate", "export", "api", "plan", "plan_schedules", "demo", "reproduce", "study",
-     "__init__"},
+    {"train", "sample", "evaluate", "export", "api", "plan", "plan_schedules", "__init__"},
 ]
+REPO_ONLY = {"studies"}     # top-level packages of the checkout above elt_scale: never imported by it
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
@@ -42,6 +46,17 @@ def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[i
                 # `from . import checkpoint`: the names may be submodules
                 names = [f"{target}.{a.name}" for a in node.names] if not node.module else [target]
                 out += [(node.lineno, t) for t in names]
+    return out
+
+
+def repo_only_imports(source: str, module: str) -> list[str]:
+    """Every import of a REPO_ONLY package (absolute, also lazy, also `import studies.demo as d`)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        out += [f"{module}:{node.lineno} imports {name} (repository-only code)" for name in names
+                if name.split(".")[0] in REPO_ONLY]
     return out
 
 
@@ -103,3 +118,21 @@ def test_the_loss_path_is_eight_files_without_test_hooks():
     assert {"elt_scale/models.py", "elt_scale/objectives.py", "elt_scale/train.py"} <= set(files)
     for step in (train.micro_step, train.train_step):
         assert "faults" not in inspect.getsource(step), step.__name__
+
+
+def test_the_package_never_imports_repository_only_code():
+    problems = [p for path, module, _ in package_modules() for p in repo_only_imports(path.read_text(), module)]
+    assert not problems, "\n".join(problems)
+    assert repo_only_imports("def f():\n    from studies.runs import ROOT\n", "elt_scale.train")
+    assert repo_only_imports("import studies.demo as d\n", "elt_scale.api")
+    assert not repo_only_imports("from .studies import x\nimport studiesx\n", "elt_scale.api")
+
+
+def test_repository_only_code_is_outside_the_package_and_the_wheel():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[tool\.setuptools\.packages\.find\]\n(.*?)(?=^\[|\Z)", pyproject, re.S | re.M)[1]
+    include = re.findall(r'"([^"]+)"', re.search(r"^include\s*=\s*\[(.*?)\]", section, re.S | re.M)[1])
+    assert "elt_scale*" in include, include
+    for name in REPO_ONLY:
+        assert (ROOT / name / "__init__.py").is_file() and not (PACKAGE / name).exists(), name
+        assert not any(fnmatch.fnmatch(name, pattern) for pattern in include), f"pyproject.toml would install {name}"

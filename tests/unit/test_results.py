@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from elt_scale.study.claims import Claim, QualityBar, check_bars, evaluate, separation
-from elt_scale.study.readme import PAGES, STUDIES, render
-from elt_scale.study.results import summarize
+from studies.claims import Claim, QualityBar, check_bars, evaluate, separation
+from studies.readme import PAGES, STUDIES, render
+from studies.results import summarize
 from tests.conftest import ROOT
 
 
@@ -79,10 +79,10 @@ def test_result_blocks_are_generated_from_docs():
     assert set(PAGES) == {"README.md", "docs/results.md"}
     for page in PAGES:
         text = (ROOT / page).read_text()
-        assert render(text, ROOT / "docs", page) == text, f"{page}: run python -m elt_scale.study.readme"
+        assert render(text, ROOT / "docs", page) == text, f"{page}: run python -m studies.readme"
     full = (ROOT / "docs" / "results.md").read_text()
     assert all(f"<!-- results:{name} -->" in full for name in STUDIES)     # the full tables live there
-    r = subprocess.run([sys.executable, "-m", "elt_scale.study.readme", "--check"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "studies.readme", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
@@ -105,6 +105,6 @@ def test_committed_results_come_from_full_runs_of_committed_code():
         ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", meta["commit"], "HEAD"], cwd=ROOT)
         assert ancestor.returncode == 0, f"docs/{name}.json names {meta['commit']}, not an ancestor of HEAD"
         claims = {c["name"] for c in data["claims"]}
-        study = __import__(f"elt_scale.{name}", fromlist=["CLAIMS"])
+        study = __import__(f"studies.{name}", fromlist=["CLAIMS"])
         expected = {c.name for c in study.CLAIMS} | {q.name for q in getattr(study, "QUALITY_BARS", [])}
         assert claims == expected, "docs/ predate a change of the claims: rerun the study"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Run:
 
 def tokenize(shards: Path, args: tuple[str, ...] = ()) -> None:
     """Digits train and val splits into one shard set (skipped when already there)."""
-    from ..data.shards import read_manifest
+    from elt_scale.data.shards import read_manifest
     have = set(read_manifest(shards)["splits"]) if (shards / "manifest.json").exists() else set()
     for split in ("train", "val"):
         if split not in have:

@@ -1,6 +1,6 @@
 """The paper's two claims on digits, for both model families, on a CPU, over several seeds.
 
-    python -m elt_scale.reproduce [--seeds 0,1,2] [--steps N] [--num 150] [--quick] [--results docs]
+    python -m studies.reproduce [--seeds 0,1,2] [--steps N] [--num 150] [--quick] [--results docs]
 
 For the masked (recipes/digits_masked.yaml) and the diffusion (recipes/digits_diffusion.yaml) recipe,
 N unique layers looped L_max times, four models are trained through the real trainer with the same
@@ -27,12 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser
-from .config import load_recipe
-from .study.claims import Claim, QualityBar, check_bars, evaluate, report, separation
-from .study.measure import measure_all
-from .study.results import meta, write_all
-from .study.runs import ROOT, Run, tokenize, train_all
+from elt_scale.cli import ArgumentParser
+from elt_scale.config import load_recipe
+
+from .claims import Claim, QualityBar, check_bars, evaluate, report, separation
+from .measure import measure_all
+from .results import meta, write_all
+from .runs import ROOT, Run, tokenize, train_all
 
 FAMILIES = {   # family -> (recipe, tokenize.py arguments, shard folder, training steps)
     "masked": (ROOT / "recipes" / "digits_masked.yaml", (), "digits", 400),
@@ -79,7 +80,7 @@ SEPARATIONS = [(f"{f}: {a[1]}@{a[2]} vs {b[1]}@{b[2]}", m, a, b) for f in FAMILI
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m elt_scale.reproduce", description=__doc__)
+    p = ArgumentParser(prog="python -m studies.reproduce", description=__doc__)
     p.add_argument("--out", default="reproduce_out", help="runs, logs and results (default reproduce_out)")
     p.add_argument("--results", default=None, help="where reproduce.{csv,md,png,json} go (default: --out; docs "
                                                    "to update the committed results)")

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..seeding import generator
+from elt_scale.seeding import generator
+
 from .runs import Run, train_losses
 
 VAL_SEED = 0     # the held-out draws' seed, the same for every run (not run.seed)
@@ -25,7 +26,7 @@ def loop_counts(trained_l: int) -> list[int]:
 
 def read_split(shards: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of a split, in stored order: (codes (N, H, W) long or pixels float, labels (N,) long)."""
-    from ..data.webds import split_samples
+    from elt_scale.data.webds import split_samples
     samples = list(split_samples(str(shards), split))
     x = torch.from_numpy(np.stack([a for _, a, _ in samples]))
     return (x.float() if x.is_floating_point() else x.long()), torch.tensor([label for _, _, label in samples])
@@ -36,7 +37,7 @@ def val_loss_by_loops(model, codes: torch.Tensor, labels: torch.Tensor, loops: l
                       repeats: int = 4, batch: int = 256) -> dict[int, float]:
     """Held-out masked-token cross-entropy at each loop count: the same masks (cosine schedule, seeded)
     for every L, true class labels; all exits come from one forward pass to max(loops)."""
-    from ..objectives import masked_ce, random_mask
+    from elt_scale.objectives import masked_ce, random_mask
     g = generator(seed, "val")
     totals, count = {L: 0.0 for L in loops}, 0.0
     for _ in range(repeats):
@@ -55,7 +56,7 @@ def val_mse_by_loops(model, recipe, x0: torch.Tensor, labels: torch.Tensor, loop
                      repeats: int = 4, batch: int = 256) -> dict[int, float]:
     """Held-out diffusion loss at each loop count: the training objective's weighted x0-MSE, with the same
     seeded times and noise for every L and true class labels; all exits from one forward pass."""
-    from ..objectives import add_noise, weighted_mse, x0_weight
+    from elt_scale.objectives import add_noise, weighted_mse, x0_weight
     o, g = recipe.objective, generator(seed, "val")
     totals, count = {L: 0.0 for L in loops}, 0
     for _ in range(repeats):
@@ -73,9 +74,9 @@ def val_mse_by_loops(model, recipe, x0: torch.Tensor, labels: torch.Tensor, loop
 def measure_run(run: Run, num: int, sample_steps: int, sampler: str, out: str) -> list[dict]:
     """One model (in its own process, one thread): held-out loss and the any-time sweep at each L."""
     torch.set_num_threads(1)
-    from ..inference.anytime import anytime_sweep
-    from ..inference.load import load
-    from ..models import count_params
+    from elt_scale.inference.anytime import anytime_sweep
+    from elt_scale.inference.load import load
+    from elt_scale.models import count_params
 
     loaded = load(run.dir)
     model, recipe = loaded.model, loaded.recipe

@@ -1,8 +1,8 @@
 """The result sections of docs/results.md and the README's headline, generated from the committed result files
 in docs/ (never typed by hand):
 
-    python -m elt_scale.study.readme            rewrite the blocks between the markers in both pages
-    python -m elt_scale.study.readme --check    exit 1 when a page and docs/ disagree (tests run this)
+    python -m studies.readme            rewrite the blocks between the markers in both pages
+    python -m studies.readme --check    exit 1 when a page and docs/ disagree (tests run this)
 
 docs/results.md holds the full blocks, `<!-- results:NAME -->` … `<!-- /results:NAME -->` for each study:
 the provenance line, the mean [min–max] table, every claim's verdict with its evidence, and which metrics
@@ -18,7 +18,7 @@ from pathlib import Path
 from .claims import report
 from .results import provenance, table
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {"demo": "make demo", "reproduce": "make reproduce"}
 RESULTS_PAGE = "docs/results.md"          # relative to ROOT, as PAGES' keys
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             path.write_text(want)
             print(f"{page}: result blocks rewritten from {ROOT / 'docs'}")
     if stale:
-        print(f"{', '.join(stale)}: result blocks differ from docs/: run python -m elt_scale.study.readme",
+        print(f"{', '.join(stale)}: result blocks differ from docs/: run python -m studies.readme",
               file=sys.stderr)
         return 1
     return 0

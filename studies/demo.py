@@ -1,6 +1,6 @@
 """The built-in demonstration of the paper's central claim (Figure 1) on scikit-learn's digits, on a CPU.
 
-    python -m elt_scale.demo [--seeds 0,1,2] [--steps 400] [--num 150] [--quick] [--results docs]
+    python -m studies.demo [--seeds 0,1,2] [--steps 400] [--num 150] [--quick] [--results docs]
 
 1. tokenizes digits (train + val) into shards/digits, where recipes/digits_masked.yaml looks for them;
 2. trains the masked ELT with ILSD and as a vanilla looped transformer (`ilsd.enabled=false`, only ever
@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser
-from .study.claims import Claim, evaluate, report, separation
-from .study.measure import measure_all
-from .study.results import meta, write_all
-from .study.runs import ROOT, Run, tokenize, train_all
+from elt_scale.cli import ArgumentParser
+
+from .claims import Claim, evaluate, report, separation
+from .measure import measure_all
+from .results import meta, write_all
+from .runs import ROOT, Run, tokenize, train_all
 
 RECIPE = ROOT / "recipes" / "digits_masked.yaml"
 MODELS = {"ilsd": ("ilsd.enabled=true",), "vanilla": ("ilsd.enabled=false",)}
@@ -49,7 +50,7 @@ SEPARATIONS = [(f"ILSD vs vanilla at L={L}", m, (M, "ilsd", L), (M, "vanilla", L
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m elt_scale.demo", description=__doc__)
+    p = ArgumentParser(prog="python -m studies.demo", description=__doc__)
     p.add_argument("--out", default="demo_out", help="runs, logs and results (default demo_out)")
     p.add_argument("--results", default=None, help="where demo.{csv,md,png,json} go (default: --out; "
                                                    "docs to update the committed results)")
@@ -73,7 +74,7 @@ def plan_runs(out: Path, shards: Path, seeds: list[int]) -> list[Run]:
 
 
 def main(argv=None) -> int:
-    from .config import load_recipe
+    from elt_scale.config import load_recipe
     args = parse_args(argv)
     start, out, seeds = time.time(), Path(args.out).resolve(), [int(s) for s in args.seeds.split(",")]
     tokenize(Path(args.shards))

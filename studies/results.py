@@ -149,13 +149,14 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """HEAD, marked dirty when elt_scale/, data_prep/ or recipes/ differ from it (numbers from uncommitted code)."""
-    root = Path(__file__).resolve().parent.parent.parent
+    """HEAD, marked dirty when elt_scale/, data_prep/, recipes/ or studies/ differ from it (numbers from
+    uncommitted code)."""
+    root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "elt_scale", "data_prep", "recipes"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "elt_scale", "data_prep", "recipes", "studies"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}{'+dirty' if dirty else ''}" if head else "unknown"
