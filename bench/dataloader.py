@@ -92,10 +92,10 @@ def webdataset_rate(shards: Path, batches: int) -> float:
     """webdataset's own tar pipeline with a safe decode: what this loader is measured against."""
     import webdataset as wds
 
-    from elt_scale.data.webds import load_npy
+    from elt_scale.data.shards import decode_npy
     urls = sorted(str(p) for p in shards.glob("train-*.tar"))
     it = iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-              .map(lambda s: (load_npy(s["input.npy"]), int(s["cls"]))).batched(64))
+              .map(lambda s: (decode_npy(s["input.npy"]), int(s["cls"]))).batched(64))
     for _ in range(30):
         next(it)
     t = time.perf_counter()

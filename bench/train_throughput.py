@@ -25,8 +25,9 @@ shows up as lower TFLOP/s). MFU is against a bf16 matmul measured in the same ru
             sdpa-math / sdpa-efficient / sdpa-flash   force one SDPA backend (default: PyTorch picks)
             no-overlap-comm / overlap-comm   force ZeRO-2/3 overlap_comm (default: on when world > 1)
             zero0 / zero1   another ZeRO stage than the recipe's (one GPU: partitioning saves nothing)
-            loop-sync       add what elt_scale.train's loop does after each step (the flag all-reduce
-                            read back to the host: one device synchronisation per step)
+            loop-sync       add what elt_scale.train's loop did after each step before its flags were
+                            read a step late (an all-reduce read back to the host: one device
+                            synchronisation per step)
   A case listed twice is measured twice: the second gives the run-to-run spread ("repeat / first").
 """
 from __future__ import annotations
@@ -193,9 +194,10 @@ def measure(args, case: Case, peak: float, profile: bool = False) -> dict:
             t0 = time.perf_counter()
             for i in range(args.steps):
                 loss = step_at(args.warmup + w * args.steps + i)
-                if case.ablate == "loop-sync":
-                    from elt_scale.train import agree
-                    agree(torch.zeros(3, device=engine.device), False)
+                if case.ablate == "loop-sync":    # what each step did before flags were read a step late
+                    flags = torch.zeros(3, device=engine.device)
+                    torch.distributed.all_reduce(flags)
+                    flags.tolist()
             sync()
             windows.append((time.perf_counter() - t0) / args.steps)
         if profile and args.profile:     # extra steps, after the timed ones: the profiler slows them

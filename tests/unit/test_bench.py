@@ -21,11 +21,11 @@ def test_train_throughput_tiny_compares_variants_and_fast_paths(tmp_path):
     out = tmp_path / "train.json"
     r = run_bench("train_throughput.py", "--preset", "elt-l-masked", "--tiny", "--steps", "1", "--warmup", "1",
                   "--cases", "vanilla:none:off,ilsd:none:off,baseline:none:off,ilsd:loop:off,"
-                             "ilsd:none:off:no-fused-adamw", "--out", str(out))
+                             "ilsd:none:off:no-fused-adamw,ilsd:none:off:loop-sync", "--out", str(out), timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
     cases = {c["name"]: c for c in result["cases"]}
-    assert len(cases) == 5 and not [c for c in cases.values() if "error" in c or "skipped" in c], cases
+    assert len(cases) == 6 and not [c for c in cases.values() if "error" in c or "skipped" in c], cases
     assert result["meta"]["matmul_peak"]["tflops"] > 0 and result["meta"]["commit"]
     for c in cases.values():
         for key in ("step_time_s", "img_per_s", "tokens_per_s", "trunk_tflops", "model_tflops", "mfu", "loss"):
@@ -44,7 +44,7 @@ def test_train_throughput_tiny_compares_variants_and_fast_paths(tmp_path):
     for key in ("baseline / vanilla [ckpt=none compile=off]", "ckpt=loop / none [ilsd compile=off]",
                 "no-fused-adamw / fast paths on [ilsd ckpt=none compile=off]"):
         assert ratios[key] > 0, key
-    assert "train_throughput: 5/5 cases measured" in r.stdout
+    assert "train_throughput: 6/6 cases measured" in r.stdout
 
 
 def test_sample_throughput_tiny_every_loop_count_and_baseline(tmp_path):
