@@ -136,3 +136,18 @@ def test_repository_only_code_is_outside_the_package_and_the_wheel():
     for name in REPO_ONLY:
         assert (ROOT / name / "__init__.py").is_file() and not (PACKAGE / name).exists(), name
         assert not any(fnmatch.fnmatch(name, pattern) for pattern in include), f"pyproject.toml would install {name}"
+
+
+def long_functions(source: str, limit: int = 60) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method longer than `limit` lines, decorators and docstring included."""
+    return [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    """A step you can follow top-down: small named helpers, none longer than a screen."""
+    found = [f"{path.relative_to(ROOT)}: {name} ({lines} lines)" for path in sorted(PACKAGE.rglob("*.py"))
+             for name, lines in long_functions(path.read_text())]
+    assert not found, "\n".join(found)
+    assert long_functions("def f():\n" + "    x = 1\n" * 60) == [("f", 61)]
+    assert not long_functions("def f():\n" + "    x = 1\n" * 59)
