@@ -20,9 +20,9 @@ from pathlib import Path
 
 from elt_scale.cli import ArgumentParser
 
-from .claims import Claim, evaluate, report, separation
+from .claims import Claim, evaluate
 from .measure import measure_all
-from .results import meta, write_all
+from .results import meta, publish
 from .runs import ROOT, Run, tokenize, train_all
 
 RECIPE = ROOT / "recipes" / "digits_masked.yaml"
@@ -82,13 +82,9 @@ def main(argv=None) -> int:
     train_all(runs, args.steps, list(args.overrides), args.jobs, out / "logs")
     rows = measure_all(runs, args.num, {M: args.sample_steps}, args.jobs, out)
     verdicts = evaluate(CLAIMS, rows)
-    seps = [{"label": label, **separation(rows, m, a, b)} for label, m, a, b in SEPARATIONS]
     batch = load_recipe(RECIPE, list(args.overrides)).train.micro_batch
     info = meta(start, seeds, args.steps, batch, args.num, f"MaskGIT {args.sample_steps} steps", args.quick)
-    text = write_all(Path(args.results or out), "demo", TITLE, rows, verdicts, seps, info)
-    print(text)
-    print(f"demo: finished in {time.time() - start:.0f}s; {sum(v['holds'] for v in verdicts)}/{len(verdicts)} "
-          f"claims hold; results in {Path(args.results or out) / 'demo.md'}\n" + report(verdicts))
+    publish(Path(args.results or out), "demo", TITLE, rows, verdicts, SEPARATIONS, info, start)
     return 0
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from elt_scale.cli import ArgumentParser
 from elt_scale.config import load_recipe
 
-from .claims import Claim, QualityBar, check_bars, evaluate, report, separation
+from .claims import Claim, QualityBar, check_bars, evaluate
 from .measure import measure_all
-from .results import meta, write_all
+from .results import meta, publish
 from .runs import ROOT, Run, tokenize, train_all
 
 FAMILIES = {   # family -> (recipe, tokenize.py arguments, shard folder, training steps)
@@ -121,14 +121,10 @@ def main(argv=None) -> int:
         train_all([r for r in runs if r.family == family], steps[family], list(args.overrides), args.jobs, out / "logs")
     rows = measure_all(runs, args.num, {"masked": args.masked_steps, "diffusion": args.diffusion_steps}, args.jobs, out)
     verdicts = check_bars(QUALITY_BARS, rows) + evaluate(CLAIMS, rows)
-    seps = [{"label": label, **separation(rows, m, a, b)} for label, m, a, b in SEPARATIONS]
     batch = load_recipe(FAMILIES["masked"][0], list(args.overrides)).train.micro_batch
     info = meta(start, seeds, " / ".join(f"{n} ({f})" for f, n in steps.items()), batch, args.num,
                 f"MaskGIT {args.masked_steps} steps, DDIM {args.diffusion_steps} steps, no guidance", args.quick)
-    text = write_all(Path(args.results or out), "reproduce", TITLE, rows, verdicts, seps, info)
-    print(text)
-    print(f"reproduce: finished in {time.time() - start:.0f}s; {sum(v['holds'] for v in verdicts)}/{len(verdicts)} "
-          f"claims hold; results in {Path(args.results or out) / 'reproduce.md'}\n" + report(verdicts))
+    publish(Path(args.results or out), "reproduce", TITLE, rows, verdicts, SEPARATIONS, info, start)
     return 0
 
 

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .claims import report
+from .claims import report, separation
 
 COLUMNS = ["family", "model", "seed", "unique_layers", "trained_L", "L", "params", "gflops_per_sample", "val_loss",
            "class_acc", "fd_digits", "train_loss_first", "train_loss_last", "sample_wall_s"]
@@ -129,6 +129,16 @@ def write_all(out: Path, name: str, title: str, rows: list[dict], verdicts: list
                                                   "separations": separations}, indent=1))
     return text
 
+
+
+def publish(out: Path, name: str, title: str, rows: list[dict], verdicts: list[dict], separations: list[tuple],
+            meta: dict, start: float) -> None:
+    """A study's end: which (label, metric, a, b) comparisons separate beyond the seeds, NAME.* written to
+    `out`, the report printed with the verdicts' tally."""
+    seps = [{"label": label, **separation(rows, m, a, b)} for label, m, a, b in separations]
+    print(write_all(out, name, title, rows, verdicts, seps, meta))
+    print(f"{name}: finished in {time.time() - start:.0f}s; {sum(v['holds'] for v in verdicts)}/{len(verdicts)} "
+          f"claims hold; results in {out / f'{name}.md'}\n" + report(verdicts))
 
 # --- provenance -------------------------------------------------------------------------------------------
 def cpu_seconds() -> float:
