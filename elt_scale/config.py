@@ -124,6 +124,10 @@ class TrainConfig(Section):
     watchdog_min_s: Float = Field(180, ge=0)      # ... but never before this many seconds
     watchdog_first_s: Float = Field(1800, ge=0)   # the first step's allowance (compilation, warm-up)
     heartbeat_timeout_s: Float = 30   # a rank silent this long ends the job on every rank (0 = off)
+    # a start-up wait (rendezvous, DeepSpeed's ops and engine) longer than this exits 124 (0 = unbounded)
+    startup_timeout_s: Float = Field(1800, ge=0)
+    # a torch extension lock that predates the start, in a directory quiet this long, is a dead process's
+    stale_lock_s: Float = Field(300, gt=0)
 
 
 class DeepSpeedConfig(Section):

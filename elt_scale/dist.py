@@ -29,9 +29,16 @@ def launcher_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rendezvous() -> str:
+    """MASTER_ADDR:MASTER_PORT as the launcher set them (a free local port is chosen later without one)."""
+    return f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '(free port)')}"
+
+
 def local_ranks() -> int:
-    """How many ranks the launcher started on this host: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    """How many ranks the launcher started on this host: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE,
+    srun's SLURM_NTASKS_PER_NODE (slurm/train_large.sh sets --ntasks-per-node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+               or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or 1)
 
 
 def set_threads() -> int:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batching import BatchLayoutError, batch_layout
 from .cli import ArgumentParser
 from .config import RecipeError, load_recipe
 from .data.mix import format_plan_mix, plan_mix
@@ -184,19 +185,15 @@ def largest_micro_batch(recipe, params, zero_stage, policy, world, precision, bu
 # the plan
 
 def batch_for(recipe, gpus: int) -> tuple[int, int, int, str]:
-    """(micro_batch, grad_accum, global_batch, note) on `gpus` GPUs. A recipe that fixes train.global_batch
-    but was sized for another GPU count gets the micro-batch that keeps its global batch, said in the note."""
+    """(micro_batch, grad_accum, global_batch, note) on `gpus` GPUs: the layout elt-train would choose
+    (batching.py). A GPU count that cannot split the recipe's global batch keeps the recipe's settings for
+    the arithmetic, and the note is the line elt-train would refuse it with."""
     t = recipe.train
-    if not t.global_batch or t.micro_batch * t.grad_accum * gpus == t.global_batch:
-        return t.micro_batch, t.grad_accum, t.global_batch or t.micro_batch * t.grad_accum * gpus, ""
-    per_gpu, rest = divmod(t.global_batch, gpus)
-    if rest or per_gpu == 0:
-        return (t.micro_batch, t.grad_accum, t.micro_batch * t.grad_accum * gpus,
-                f"train.global_batch={t.global_batch} is not a multiple of {gpus} GPUs")
-    accum = t.grad_accum if per_gpu % t.grad_accum == 0 else 1
-    return (per_gpu // accum, accum, t.global_batch,
-            f"recipe's micro-batch {t.micro_batch} is for another GPU count: "
-            f"train.micro_batch={per_gpu // accum} train.grad_accum={accum} keep global batch {t.global_batch}")
+    try:
+        layout = batch_layout(t, gpus)
+    except BatchLayoutError as e:
+        return t.micro_batch, t.grad_accum, t.micro_batch * t.grad_accum * gpus, str(e)
+    return layout.micro_batch, layout.grad_accum, layout.global_batch, layout.note
 
 
 def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflops: float = 989.0,

@@ -23,16 +23,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .batching import BatchLayoutError, accum_given, batch_layout, with_layout
 from .cli import ArgumentParser
 from .config import RecipeError, load_recipe
 from .data import check_data, make_loader
 from .data.transport import STORAGE_EXIT_CODE, StorageUnavailable
-from .dist import set_threads
+from .dist import launcher_env, local_ranks, rendezvous, set_threads
 from .engine import checkpoint as ckpt
 from .engine import ds_internals, faults
 from .engine.checkpoint import SAVE_FAILED_EXIT_CODE, SaveFailed
@@ -45,6 +47,7 @@ from .engine.logger import Reporter, Throughput
 from .engine.preemption import PREEMPT_EXIT_CODE, PreemptionFlag
 from .engine.resume import BatchMismatch, ResumeRefused, Started, make_ds_config, set_lr, start_engine
 from .engine.rundir import add_to_run_info, open_run, start_line
+from .engine.startup import waiting
 from .engine.watchdog import StepWatchdog
 from .files import free_space
 from .objectives import draw_l_int, ilsd_loss
@@ -66,23 +69,30 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_threads()
+    rank, world = launcher_env()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        layout = batch_layout(recipe.train, world, accum_given(args.overrides), local_ranks())
+        recipe = with_layout(recipe, layout)   # grad_accum (micro_batch) for this world: before anything reads them
         manifest, _ = check_data(recipe)     # missing or mismatched shards: before a run dir or DeepSpeed exists
         ds_internals.check()                 # a DeepSpeed whose internals we do not know: before any work
         resume_from = ckpt.find_resume(recipe.train.resume, recipe.run_dir / "ckpt")
         decoder = preflight(recipe, manifest["tokenizer"])   # eval's reference, Inception file, decoder: now
     except USER_ERRORS as e:
+        if rank and isinstance(e, BatchLayoutError):   # the same line on every rank: rank 0's is enough, and a
+            time.sleep(10)                             # launcher ends the others once it has left (if not: say it)
         print(f"elt-train: {e}", file=sys.stderr)
         return 2
     except StorageUnavailable as e:
         print(f"elt-train: {e.line()}; exiting {STORAGE_EXIT_CODE}", file=sys.stderr)
         return STORAGE_EXIT_CODE
-    rank, world = init_distributed(collective_deadline_s(recipe))
+    with waiting(f"the rendezvous at {rendezvous()} and DeepSpeed's process group", recipe.train.startup_timeout_s,
+                 recipe.train.stale_lock_s):
+        rank, world = init_distributed(collective_deadline_s(recipe))
     ledger = Ledger(recipe.run_dir, rank)                   # from this process's start: imports count
     heartbeat = Heartbeat(rank, world, recipe.train.heartbeat_timeout_s, lambda: ledger.phase,
                           lambda: ledger.last_step)
-    status = train(recipe, manifest, resume_from, rank, world, decoder, ledger)
+    status = train(recipe, manifest, resume_from, rank, world, decoder, ledger, layout.note)
     heartbeat.stop()
     if status == STORAGE_EXIT_CODE:      # this rank alone: the others are waiting in a collective for it
         sys.stdout.flush(), sys.stderr.flush()
@@ -206,7 +216,8 @@ class Run:
     watchdog: StepWatchdog
 
 
-def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, ledger: Ledger) -> int:
+def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, ledger: Ledger,
+          layout_note: str = "") -> int:
     """The run itself, on an initialised process group. Returns the exit code (0, 2, 3, 69, 74 or 75)."""
     preempt = PreemptionFlag()                   # from here on a SIGTERM/SIGUSR1 waits for a step boundary
     try:
@@ -225,6 +236,8 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, l
     ledger.open()
     for note in started.notes:
         reporter.say(note, error=True)
+    if layout_note:
+        reporter.say(f"batch layout: {layout_note}")
     reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
     run = None
     try:

@@ -26,6 +26,7 @@ from .checkpoint import TrainState
 from .ema import ShardedEMA
 from .guard import GuardedAdamW
 from .logger import new_wandb_id
+from .startup import waiting
 
 
 class ResumeRefused(ValueError):
@@ -59,7 +60,8 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
     if recipe.train.compile:
         model.trunk.compile_block()
     optimizer = None if "optimizer" in ds_config else make_optimizer(recipe, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    with waiting("DeepSpeed's engine (its ops load here)", recipe.train.startup_timeout_s, recipe.train.stale_lock_s):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     notes = []
     if same_layout:

@@ -233,7 +233,39 @@ def test_guarded_adamw_skips_non_finite_gradients():
     assert not opt.overflow and opt._global_grad_norm == pytest.approx(5.0) and not torch.equal(p.data, torch.ones(3))
 
 
-def test_global_batch_mismatch_shows_arithmetic(tmp_path, digits_shards):
-    r = run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "gb", "train.global_batch=64"))
+def test_the_global_batch_holds_on_any_world_size(tmp_path, digits_shards):
+    """train.global_batch=32 with micro-batch 16: one rank accumulates 2 micro-batches, two ranks 1 each; the
+    same samples and draws, so the same loss at every step (issue: every launch line exited 2)."""
+    fixed = ("train.global_batch=32", "train.micro_batch=16", "train.steps=3", "train.save_every=0")
+    runs = {}
+    for world in (1, 2):
+        name = f"w{world}"
+        r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, name), *fixed, nprocs=world))
+        info = json.loads((tmp_path / name / "run_info.json").read_text())
+        assert (info["micro_batch"], info["grad_accum"], info["global_batch"]) == (16, 2 // world, 32)
+        assert f"32 = 16 micro × {2 // world} accum × {world} ranks" in r.stdout + r.stderr
+        runs[world] = read_metrics(tmp_path / name)
+    assert [row["step"] for row in runs[1]] == [row["step"] for row in runs[2]] == [1, 2, 3]
+    for one, two in zip(runs[1], runs[2]):
+        for key in ("loss", "loss_teacher", "loss_student", "loss_distill"):
+            assert one[key] == pytest.approx(two[key], abs=1e-4), (one["step"], key)
+
+
+def test_a_world_that_cannot_split_the_global_batch_exits_2_naming_those_that_can(tmp_path, digits_shards):
+    start = time.monotonic()
+    r = run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "w3"), "train.global_batch=32",
+                  "train.micro_batch=16", nprocs=3)
+    assert r.returncode != 0 and time.monotonic() - start < 60
+    lines = [ln for ln in r.stderr.splitlines() if "cannot be split" in ln]
+    assert len(lines) == 1, r.stderr[-3000:]          # rank 0 says it; the others exit without repeating it
+    assert lines[0].startswith("elt-train: train.global_batch=32 cannot be split over 3 ranks; world sizes that can: "
+                               "1, 2, 4, 8, 16, 32"), lines
+    assert not (tmp_path / "w3").exists()             # before DeepSpeed or a run directory
+
+
+def test_an_override_that_contradicts_the_global_batch_is_refused(tmp_path, digits_shards):
+    r = run_train("digits_masked.yaml", *args(digits_shards, tmp_path, "gb"), "train.global_batch=64",
+                  "train.grad_accum=3")
     assert r.returncode == 2
-    assert "train.global_batch=64 but train.micro_batch (8) × train.grad_accum (1) × world size (1) = 8" in r.stderr
+    assert ("train.global_batch=64 cannot be split over 1 ranks with train.grad_accum=3 (micro-batch at most 8); world "
+            "sizes that can: none") in r.stderr

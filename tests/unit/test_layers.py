@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "elt_scale"
 LAYERS = [   # lowest first; a module may import its own layer and the ones below
-    {"config", "seeding", "dist", "loopspec", "cli", "files"},
+    {"config", "batching", "seeding", "dist", "loopspec", "cli", "files"},
     {"data", "models", "flops", "objectives", "schedules", "tokenizers", "metrics"},
     {"sampling"},
     {"inference"},

@@ -190,7 +190,10 @@ def test_other_gpu_count_keeps_the_recipes_global_batch():
     assert (same["micro_batch"], same["global_batch"], same["batch_note"]) == (16, 512, "")
     assert (more["micro_batch"], more["global_batch"]) == (8, 512) and "train.micro_batch=8" in more["batch_note"]
     assert more["memory"][0]["activations"] < same["memory"][0]["activations"]
-    assert make_plan(recipe, gpus=48, gpu_mem_gib=80)["batch_note"].startswith("train.global_batch=512 is not")
+    fewer = make_plan(recipe, gpus=8, gpu_mem_gib=80)            # never a larger micro-batch than the recipe's
+    assert (fewer["micro_batch"], fewer["grad_accum"], fewer["global_batch"]) == (16, 4, 512)
+    assert make_plan(recipe, gpus=48, gpu_mem_gib=80)["batch_note"].startswith(
+        "train.global_batch=512 cannot be split over 48 ranks; world sizes that can: 1, 2, 4, 8, 16, 32, 64, 128")
 
 
 # ---------------------------------------------------------------------------------------------
