@@ -238,6 +238,8 @@ def train(recipe, manifest: dict, resume_from, rank: int, world: int, decoder, l
         reporter.say(note, error=True)
     if layout_note:
         reporter.say(f"batch layout: {layout_note}")
+        if rank == 0:
+            add_to_run_info(recipe.run_dir, {"batch_layout": layout_note})
     reporter.say(start_line(recipe, info, world, started.state.step, resume_from) if info else "")
     run = None
     try:

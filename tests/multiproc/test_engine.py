@@ -243,6 +243,8 @@ def test_the_global_batch_holds_on_any_world_size(tmp_path, digits_shards):
         r = ok(run_train("digits_masked.yaml", *args(digits_shards, tmp_path, name), *fixed, nprocs=world))
         info = json.loads((tmp_path / name / "run_info.json").read_text())
         assert (info["micro_batch"], info["grad_accum"], info["global_batch"]) == (16, 2 // world, 32)
+        assert info.get("batch_layout") == (None if world == 2 else   # the recipe's accumulation, 1, fits 2 ranks
+                                            "train.grad_accum=2 (recipe: 1) keep train.global_batch=32 on 1 ranks")
         assert f"32 = 16 micro × {2 // world} accum × {world} ranks" in r.stdout + r.stderr
         runs[world] = read_metrics(tmp_path / name)
     assert [row["step"] for row in runs[1]] == [row["step"] for row in runs[2]] == [1, 2, 3]
