@@ -70,10 +70,13 @@ def parse_args(argv=None):
     g.add_argument("--frame-stride", type=int, default=1, help="video: take every S-th frame")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="pixels", choices=sorted(REGISTRY),
-                   help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | video-vae (3D VAE, e.g. Wan) | "
+                   help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | maskgit-vq (MaskGIT's VQGAN: its "
+                        "PyTorch state dict, e.g. fun-research/TiTok's maskgit-vqgan-imagenet-f16-256.bin) | "
+                        "video-vae (3D VAE, e.g. Wan) | "
                         "jit (TorchScript discrete video tokenizer: encoder.jit + decoder.jit, e.g. Cosmos "
                         "DV4x8x8); image tokenizers run per frame on video")
-    g.add_argument("--tokenizer-path", default=None, help="local directory or hub id (recorded in the manifest)")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="local directory or hub id (recorded in the manifest); maskgit-vq: also a weights file")
     g.add_argument("--tokenizer-subfolder", default=None, help="subfolder inside --tokenizer-path, e.g. vae")
     g.add_argument("--vae-class", default="AutoencoderKLWan", help="video-vae: the diffusers class to load")
     g.add_argument("--vocab-size", type=int, default=None,

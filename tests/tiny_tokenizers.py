@@ -106,6 +106,32 @@ def write_diffusers_tokenizer(name: str, directory: Path, temporal: int, spatial
 
 
 # ---------------------------------------------------------------------------------------------
+# MaskGIT's VQGAN: the project's own network, random and tiny, saved as the published state dict is
+
+def write_maskgit_vq(where: Path, spatial: int = 16, vocab: int = 1024, channels: int = 32, code_dim: int = 8,
+                     blocks: int = 1, seed: int = 0) -> Path:
+    """A random MaskGitVQGAN with `spatial`× downsampling (log2(spatial) + 1 levels, the last at twice the
+    width, so width-changing blocks and their shortcuts are there) saved with torch.save as a plain state
+    dict: to `where` if it names a .bin/.safetensors file, else to where/maskgit-vqgan-imagenet-f16-256.bin."""
+    from safetensors.torch import save_file
+
+    from elt_scale.tokenizers.maskgit_vq import HUB_FILE, MaskGitVQGAN, VQGANConfig
+
+    levels = _blocks(spatial)
+    torch.manual_seed(seed)
+    cfg = VQGANConfig(channels=channels, channel_mult=(1,) * (levels - 1) + (2,), num_res_blocks=blocks,
+                      codebook_size=vocab, code_dim=code_dim)
+    sd = MaskGitVQGAN(cfg).state_dict()
+    path = where if where.suffix in (".bin", ".safetensors") else where / HUB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # trees
 
 UCF_CLASSES = ["ApplyEyeMakeup", "BandMarching", "YoYo"]

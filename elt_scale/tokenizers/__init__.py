@@ -3,12 +3,13 @@
     pixels     no weights (tests and the demo): quantized grey levels (codes) or [-1, 1] (latents)
     sd-vae     diffusers AutoencoderKL: latents x scaling_factor, fp16
     vq         diffusers VQModel: int16 code grids
+    maskgit-vq MaskGIT's VQGAN (written here; the published PyTorch state dict): 16x16 grids of 1024 codes
     video-vae  a diffusers 3D KL autoencoder (AutoencoderKLWan by default)
     jit        a TorchScript discrete video tokenizer (encoder.jit/decoder.jit, e.g. Cosmos DV4x8x8):
                int code grids with a compressed time axis
 Image tokenizers run per frame on video (`per_frame=True`). The diffusers ones load through diffusers'
-`from_pretrained` (local dir or hub id), jit through torch.jit.load (local dir); all are imported only
-when asked for."""
+`from_pretrained` (local dir or hub id), maskgit-vq a state dict (file, dir or hub id, through
+huggingface_hub), jit through torch.jit.load (local dir); all are imported only when asked for."""
 from __future__ import annotations
 
 from .pixels import PixelTokenizer
@@ -24,6 +25,11 @@ def _vq(**kw):
     return VQTokenizer(**kw)
 
 
+def _maskgit_vq(**kw):
+    from .maskgit_vq import MaskGitVQTokenizer
+    return MaskGitVQTokenizer(**kw)
+
+
 def _video_vae(**kw):
     from .video import VideoVAETokenizer
     return VideoVAETokenizer(**kw)
@@ -34,7 +40,8 @@ def _jit(**kw):
     return JitVideoTokenizer(**kw)
 
 
-REGISTRY = {"pixels": PixelTokenizer, "sd-vae": _sd_vae, "vq": _vq, "video-vae": _video_vae, "jit": _jit}
+REGISTRY = {"pixels": PixelTokenizer, "sd-vae": _sd_vae, "vq": _vq, "maskgit-vq": _maskgit_vq,
+            "video-vae": _video_vae, "jit": _jit}
 
 
 def build_tokenizer(name: str, per_frame: bool = False, **kwargs):

@@ -95,3 +95,15 @@ def test_bf16_weights_take_the_trainers_fp32_inputs(family):
     prepared = build_objective(recipe).prepare(x, torch.tensor([1, 2]), torch.Generator().manual_seed(0))
     student, teacher = model(*prepared.inputs, exits=(1, m.loops))
     assert teacher.dtype == torch.bfloat16 and torch.isfinite(teacher.float()).all()
+
+
+def test_maskgit_tokenize_tiny_times_encode_and_decode(tmp_path):
+    out = tmp_path / "mg.json"
+    r = run_bench("maskgit_tokenize.py", "--tiny", "--batch", "2", "--batches", "1", "--warmup", "0", "--out", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["tiny"] and result["meta"]["side"] == 64 and result["meta"]["precision"] == "torch.float32"
+    for what in ("encode", "decode"):
+        assert result[what]["images_per_s"] == pytest.approx(2 / result[what]["batch_s"][0])
+    assert result["imagenet_train_encode_hours"] == pytest.approx(1_281_167 / result["encode"]["images_per_s"] / 3600)
+    assert "maskgit_tokenize:" in r.stdout and "would take" in r.stdout

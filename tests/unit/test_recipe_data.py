@@ -29,7 +29,8 @@ from data_prep import tokenize
 from elt_scale.config import load_recipe
 from elt_scale.data import check_manifest
 from tests.conftest import ROOT
-from tests.tiny_tokenizers import make_imagenet_tree, make_ucf_tree, write_diffusers_tokenizer, write_jit_tokenizer
+from tests.tiny_tokenizers import (make_imagenet_tree, make_ucf_tree, write_diffusers_tokenizer, write_jit_tokenizer,
+                                   write_maskgit_vq)
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DATA_LINE = re.compile(r"^# data: python data_prep/tokenize\.py (?P<args>.+)$", re.M)
@@ -143,6 +144,8 @@ class Workshop:
             where = top / c.args.tokenizer_subfolder if c.args.tokenizer_subfolder else top
             if c.tokenizer == "jit":   # one channel quantised to V levels: V codes
                 write_jit_tokenizer(where, c.temporal, c.spatial, (c.vocab, 1, 1))
+            elif c.tokenizer == "maskgit-vq":      # the state dict file, in the directory the command names
+                write_maskgit_vq(where, c.spatial, c.vocab)
             else:
                 write_diffusers_tokenizer(c.tokenizer, where, c.temporal, c.spatial, c.vocab, c.channels)
             return top
