@@ -16,8 +16,9 @@ Inception features of its own batches and rank 0 merges them (elt_scale/inferenc
 reference statistics are loaded or computed (split across ranks, cached) before step 1 (`prepare`), so the
 first evaluation costs what later ones cost and no rank waits in a collective for another's solo work.
 
-What evaluation will need later (the reference, the Inception file, the tokenizer's decoder) is checked
-before anything is trained (`preflight`, exit 2 on a bad path)."""
+What evaluation will read (the reference, against the Inception's feature sizes and file; the Inception
+file; the tokenizers that decode samples and reference images) is checked before DeepSpeed starts
+(`preflight`, exit 2 on a bad input), so `prepare` is left with work, not input errors."""
 from __future__ import annotations
 
 import time
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.shards import read_manifest
 from ..inference.outputs import save_grid
-from ..inference.reference import check_reference
+from ..inference.reference import check_adm_reference, check_reference, inception_dims
 from ..inference.samples import SampleSet, gather_set, sample_set
 from ..inference.scoring import Scorer, is_digits
+from ..metrics import file_sha256, load_inception
 from ..models import build_model
 from ..sampling import parse_loop_list
 from ..tokenizers import tokenizer_from_manifest
@@ -42,9 +45,14 @@ class EvalSetupError(ValueError):
     """A path or file in-training evaluation needs is missing or bad (one line; exit 2 before step 1)."""
 
 
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def preflight(recipe, tokenizer: dict):
-    """Before step 1, on every rank: the files evaluation will read are there and sound. Returns the
-    tokenizer's decoder for sampling (None when eval.every=0), or raises EvalSetupError naming the key."""
+    """Before DeepSpeed starts, on every rank: the files evaluation will read are there and sound, and fit
+    each other (the reference's sizes are the Inception's). Returns the tokenizer's decoder for sampling
+    (None when eval.every=0), or raises EvalSetupError naming the key and file."""
     c = recipe.eval
     if c.every <= 0:
         return None
@@ -55,11 +63,37 @@ def preflight(recipe, tokenizer: dict):
             raise EvalSetupError(f"eval.reference: {e}") from e
     if c.inception_weights and not Path(c.inception_weights).is_file():
         raise EvalSetupError(f"eval.inception_weights={c.inception_weights}: no such file")
+    if c.reference:
+        check_against_inception(c.reference, c.inception_weights, tokenizer)
+    return load_decoder(tokenizer, "the tokenizer that decodes eval samples")
+
+
+def check_against_inception(reference: str, weights: str, tokenizer: dict) -> None:
+    """What `prepare` would otherwise find hours into a job, after DeepSpeed's start: an Inception file that
+    does not load or run, a reference of other feature sizes or made with other weights, one whose images
+    cannot be decoded or are too few (inference.reference.check_adm_reference)."""
+    try:
+        net = load_inception(weights)
+        dims, sha256 = inception_dims(net), file_sha256(weights)
+    except Exception as e:     # noqa: BLE001 -- any loader error (TorchScript, torch-fidelity, file) is a bad set-up
+        raise EvalSetupError(f"eval.inception_weights={weights}: not a usable Inception network "
+                             f"({one_line(e)})") from e
+    try:
+        check_adm_reference(reference, dims, sha256)
+    except (OSError, ValueError) as e:
+        raise EvalSetupError(f"eval.reference: {e}") from e
+    if Path(reference).suffix != ".npz":           # a shards directory: its images are decoded by its tokenizer
+        theirs = read_manifest(reference)["tokenizer"]
+        if theirs != tokenizer:
+            load_decoder(theirs, f"eval.reference={reference}: the tokenizer that decodes its images")
+
+
+def load_decoder(tokenizer: dict, what: str):
     try:
         return tokenizer_from_manifest({"tokenizer": tokenizer})
     except Exception as e:     # noqa: BLE001 -- any loader error (diffusers, hub id, file) is a bad set-up
-        raise EvalSetupError(f"the tokenizer that decodes eval samples ({tokenizer.get('name', tokenizer)}) "
-                             f"cannot be loaded: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+        raise EvalSetupError(f"{what} ({tokenizer.get('name', tokenizer)}) cannot be loaded: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
 
 
 def fp32_fragments(module: torch.nn.Module, ema, rank: int, world: int) -> dict[str, tuple[int, torch.Tensor]]:
@@ -95,8 +129,9 @@ class LiveEval:
 
     def prepare(self) -> None:
         """Collective, before step 1: the reference statistics of ADM's suite, computed across ranks (and
-        cached) or loaded. Rank 0's own part (merging, the statistics, the cache file) is waited for through
-        the store, not in the next collective, whose deadline it could outlast."""
+        cached) or loaded; what can be wrong with their inputs, `preflight` has refused already. Rank 0's own
+        part (merging, the statistics, the cache file) is waited for through the store, not in the next
+        collective, whose deadline it could outlast."""
         if self.cfg.every > 0 and self.cfg.reference:
             self.scorer.prepare_reference()
             solo(lambda: None, f"computing the reference statistics of {self.cfg.reference}",
