@@ -156,6 +156,8 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     reference: Str = ""               # FID reference (ADM .npz or shards dir), with inception_weights
     inception_weights: Str = ""       # local Inception file (elt-eval fid --inception-weights)
+    # a failed evaluation is a line and a metrics row; this many in a row switch evaluation off for the attempt
+    max_failures: int = Field(3, ge=1)
 
 
 class Recipe(Section):

@@ -3,7 +3,7 @@
 The recipe schema stays free of test hooks: a test that needs a fault the outside world cannot
 produce (a signal, a kill -9, a truncated file) sets, for the processes it starts,
 
-    ELT_FAULT="nan_steps:2,4,5;kill_in_save:2;die_at:1:3"
+    ELT_FAULT="nan_steps:2,4,5;kill_in_save:2;die_at:1:3;eval_fails:1:4,6"
 
   nan_steps:S,...   rank 0's first micro-batch of step S (1-based) gets a NaN student exit (teacher,
                     without ILSD): exercises the numerics guard
@@ -11,10 +11,12 @@ produce (a signal, a kill -9, a truncated file) sets, for the processes it start
                     and before `latest` moves
   die_at:R:S        rank R SIGKILLs itself as step S starts (a rank that always dies, when S comes
                     before the first checkpoint: a crash loop)
+  eval_fails:R:S,.. rank R's in-training evaluation at step S raises while it samples (after the first loop
+                    spec), an error on one rank that the others do not see (engine/live_eval.py)
 
 nan_steps and die_at reach the training step as hooks on the model (`install`, once at set-up), so the
-step itself (train.py's micro_step) carries no test code; unset, nothing is registered and the one hook left
-in the save path (kill_in_save) is a dictionary lookup.
+step itself (train.py's micro_step) carries no test code; unset, nothing is registered and the hooks left in
+the save path (kill_in_save) and the evaluation (eval_fails) are dictionary lookups.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ def plan(text: str | None = None) -> dict:
             elif name == "die_at":
                 rank, step = value.split(":")
                 out[name] = (int(rank), int(step))
+            elif name == "eval_fails":
+                rank, steps = value.split(":")
+                out[name] = (int(rank), {int(s) for s in steps.split(",")})
             else:
                 raise ValueError(f"unknown fault {name!r}")
         except ValueError as e:
@@ -66,6 +71,16 @@ def kill_in_save(step: int) -> None:
 def die_at(step: int, rank: int) -> None:
     if plan().get("die_at") == (rank, step):
         _die()
+
+
+class InjectedFault(RuntimeError):
+    """The error ELT_FAULT asked for."""
+
+
+def eval_fails(step: int, rank: int) -> None:
+    r, steps = plan().get("eval_fails", (None, ()))
+    if r == rank and step in steps:
+        raise InjectedFault(f"ELT_FAULT eval_fails: rank {rank}, step {step}")
 
 
 def install(model, rank: int, first_step: int, grad_accum: int) -> list:

@@ -195,6 +195,14 @@ class Reporter:
             logged.update({f"eval/grid_{label}": wandb.Image(str(p)) for label, p in grids.items()})
             self.wandb.log({**logged, "eval/eval_s": eval_s}, step=step)
 
+    def log_eval_error(self, step: int, error: str, eval_s: float) -> None:
+        """A failed evaluation: one metrics row naming the error, where its rows would have been."""
+        if not self.on:
+            return
+        self._write({"step": step, "eval_error": error, "eval_s": eval_s})
+        if self.wandb:
+            self.wandb.log({"eval/failed": 1}, step=step)
+
     def _write(self, row: dict) -> None:
         """A row to metrics.jsonl; a failed write is kept (the trainer stops every rank on it), not raised,
         and later rows are not attempted: the file ends with the last whole row."""

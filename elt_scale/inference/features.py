@@ -23,6 +23,7 @@ BATCH = 64                       # ADM's evaluator feeds 64 images at a time
 
 Keep = Callable[[int], bool]
 Batches = Callable[[Keep], Iterator[tuple[int, np.ndarray]]]   # keep -> (batch index, uint8 images)
+Share = tuple[dict[int, np.ndarray], Moments | None]           # one rank's pool vectors by batch, spatial moments
 
 
 def array_batches(images, batch_size: int = BATCH) -> Batches:
@@ -42,6 +43,14 @@ def extract_features(batches: Batches, net, device="cpu", rank: int = 0, world: 
                      total: int | None = None, desc: str = "inception features") -> FeatureSet | None:
     """This rank's share of the batches through `net`; collective under world > 1. Rank 0 gets the set's
     FeatureSet, the other ranks None."""
+    return gather_features(local_features(batches, net, device, rank, world, total, desc), rank, world)
+
+
+@torch.no_grad()
+def local_features(batches: Batches, net, device="cpu", rank: int = 0, world: int = 1,
+                   total: int | None = None, desc: str = "inception features") -> Share:
+    """This rank's share (batches b ≡ rank mod world) through `net`, no collective: (pool vectors by batch,
+    spatial moments on the CPU), what gather_features / merge_features put together."""
     pools: dict[int, np.ndarray] = {}
     spatial: Moments | None = None
     bar = tqdm(total=total, desc=desc, leave=False, unit="img", disable=rank != 0 or (total or 0) <= 4 * BATCH)
@@ -55,7 +64,7 @@ def extract_features(batches: Batches, net, device="cpu", rank: int = 0, world: 
             spatial.add(spat)
         bar.update(min(len(images) * world, (total or bar.n + len(images) * world) - bar.n))
     bar.close()
-    return gather_features(pools, spatial, rank, world)
+    return pools, None if spatial is None else spatial.cpu()
 
 
 def extractor(net, device="cpu", rank: int = 0, world: int = 1):
@@ -64,16 +73,17 @@ def extractor(net, device="cpu", rank: int = 0, world: int = 1):
                                                                                    world, total, desc)
 
 
-def gather_features(pools: dict[int, np.ndarray], spatial: Moments | None, rank: int,
-                    world: int) -> FeatureSet | None:
-    share = (pools, None if spatial is None else spatial.cpu())
-    if world > 1:
-        shares = [None] * world if rank == 0 else None
-        dist.gather_object(share, shares, dst=0)
-        if rank != 0:
-            return None
-    else:
-        shares = [share]
+def gather_features(share: Share, rank: int, world: int) -> FeatureSet | None:
+    """Collective under world > 1: every rank's share to rank 0, merged there (the others get None)."""
+    if world == 1:
+        return merge_features([share])
+    shares = [None] * world if rank == 0 else None
+    dist.gather_object(share, shares, dst=0)
+    return merge_features(shares) if rank == 0 else None
+
+
+def merge_features(shares: list[Share]) -> FeatureSet:
+    """Every rank's share as one FeatureSet: pool vectors in set order, spatial moments summed."""
     merged = {b: p for rank_pools, _ in shares for b, p in rank_pools.items()}
     if not merged:
         raise ValueError("no images to compute features of")

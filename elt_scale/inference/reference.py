@@ -31,6 +31,7 @@ import torch
 from ..data.shards import MANIFEST, read_manifest
 from ..data.webds import split_samples
 from ..metrics.adm import BadReference, ReferenceStats, check_reference_arrays
+from ..metrics.manifold import K_NEIGHBOURS
 from ..tokenizers import tokenizer_from_manifest
 from .features import BATCH, array_batches, extractor
 from .outputs import load_npz, open_npz_images
@@ -127,11 +128,15 @@ def npz_reference(path: Path, extract, sha256: str, batch_size: int, rank: int,
 def read_written(path: Path, sha256: str, dims: Dims = (None, None)) -> ReferenceStats:
     """A reference .npz written by write_reference (checked); its features must come from the same Inception file."""
     _, arrays = read_npz(path, ("inception_sha256", *STAT_KEYS, "pool_features"))
+    _check_made_with(path, arrays, sha256)
+    return ReferenceStats(*(arrays.get(k) for k in (*STAT_KEYS, "pool_features"))).checked(path, *dims)
+
+
+def _check_made_with(path: Path, arrays: dict, sha256: str) -> None:
     made_with = str(arrays["inception_sha256"]) if "inception_sha256" in arrays else None
     if made_with not in (None, sha256):
-        raise ValueError(f"{path}: made with the Inception file of sha256 {made_with[:12]}…, not the one given "
-                         f"({sha256[:12]}…): its statistics are not comparable; rebuild it (elt-eval reference)")
-    return ReferenceStats(*(arrays.get(k) for k in (*STAT_KEYS, "pool_features"))).checked(path, *dims)
+        raise BadReference(f"{path}: made with the Inception file of sha256 {made_with[:12]}…, not the one given "
+                           f"({sha256[:12]}…): its statistics are not comparable; rebuild it (elt-eval reference)")
 
 
 def write_reference(shards: Path, out: Path, extract, sha256: str, limit: int = 50_000,
@@ -204,6 +209,41 @@ def check_reference(path: str | Path, *, videos: bool | None = None, dims: Dims 
         raise BadReference(str(e)) from None
     if not manifest.get("splits"):
         raise BadReference(f"{path}: key 'splits' of its {MANIFEST} names no split to read reference images from")
+
+
+def check_adm_reference(path: str | Path, dims: Dims, sha256: str, limit: int = 50_000,
+                        cache_dir: str | Path | None = None) -> None:
+    """What `adm_reference` will read for ADM's suite, checked against the Inception that will score (its
+    feature sizes `dims`, its file's `sha256`) without computing anything: check_reference's checks with
+    images only; an .npz written by `write_reference` made with this Inception file; images enough for
+    precision/recall where statistics are to be computed; a shards directory of images whose cached
+    statistics, if any, are sound. Raises FileNotFoundError or BadReference naming the path (the reference's
+    own tokenizer is the caller's to load)."""
+    path = Path(path)
+    check_reference(path, videos=False, dims=dims)
+    if path.suffix != ".npz":
+        return _check_shards_for_adm(path, dims, sha256, limit, cache_dir)
+    keys, arrays = read_npz(path, ("inception_sha256",))
+    _check_made_with(path, arrays, sha256)
+    if "arr_0" in keys and not {"mu", "pool_features"} <= set(keys):        # its images will be scored
+        _check_enough(path, len(open_npz_images(path)), "key 'arr_0' holds")
+
+
+def _check_shards_for_adm(path: Path, dims: Dims, sha256: str, limit: int, cache_dir) -> None:
+    manifest = read_manifest(path)
+    split, sample = default_split(manifest), manifest.get("sample", {})
+    if len(sample.get("shape", ())) - (sample.get("kind") == "latents") == 3:
+        raise BadReference(f"{path}: its samples are videos {sample['shape']}; ADM's suite scores images")
+    _check_enough(path, min(limit, int(manifest["splits"][split].get("num_samples", 0))), f"split {split!r} has")
+    cached = Path(cache_dir or default_cache_dir()) / f"{reference_key(path, sha256, limit)}.npz"
+    if cached.is_file():
+        read_written(cached, sha256, dims)
+
+
+def _check_enough(path: Path, count: int, what: str) -> None:
+    if count <= K_NEIGHBOURS:
+        raise BadReference(f"{path}: {what} {count} images; reference statistics need more than {K_NEIGHBOURS} "
+                           f"(precision/recall use k={K_NEIGHBOURS} neighbours)")
 
 
 def _check_npz_reference(path: Path, videos: bool | None, dims: Dims) -> None:

@@ -78,14 +78,27 @@ class Scorer:
     def adm_of(self, batches, total: int) -> dict | None:
         """As `adm`, from a features.Batches source: each rank feeds the batches it holds (b ≡ rank mod world),
         e.g. the samples it generated itself, so no rank needs the others' images."""
-        from ..metrics import adm_metrics
-        from .features import extract_features
+        from .features import gather_features
 
+        self.prepare_reference()
+        features = gather_features(self.features_of(batches, total), self.rank, self.world)
+        return self.adm_of_features(features) if self.rank == 0 else None
+
+    def features_of(self, batches, total: int | None = None):
+        """This rank's share of a set's Inception features (features.Share), no collective: for a caller that
+        gathers them itself (features.merge_features) and scores on one rank (`adm_of_features`)."""
+        from .features import local_features
+        net, _ = self._inception()
+        return local_features(batches, net, self.device, self.rank, self.world, total, "sample features")
+
+    def adm_of_features(self, features) -> dict:
+        """ADM's suite of a whole set's FeatureSet, with its provenance (see `adm`). No collective: the
+        reference must have been prepared (`prepare_reference`, a collective the first time) already."""
+        from ..metrics import adm_metrics
+        if "adm_reference" not in self._cache:
+            raise RuntimeError("Scorer.prepare_reference() must run on every rank before scoring on one")
         net, sha = self._inception()
-        reference = self.prepare_reference()
-        features = extract_features(batches, net, self.device, self.rank, self.world, total, "sample features")
-        if self.rank != 0:
-            return None
+        reference = self._cache["adm_reference"]
         values = adm_metrics(features, reference.stats, net.logit_weight, distances=self.pr_distances,
                              device=self.device)
         pr_images = None if reference.stats.pool is None else len(reference.stats.pool)
