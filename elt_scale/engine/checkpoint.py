@@ -106,7 +106,7 @@ def save(engine, ckpt_dir: Path, state: TrainState, ema=None, keep_last: int = 2
     tag = tag_for(state.step)
     error = write_files(engine, ckpt_dir, tag, client, ema)
     agree_saved(engine, ckpt_dir, tag, error)       # every rank's files are on disk (or all ranks raise)
-    faults.kill_in_save(client["step"])            # test-only (ELT_FAULT): die mid-save
+    faults.kill_in_save(client["step"], ckpt_dir.parent)   # test-only (ELT_FAULT): die mid-save
     error = None
     if dist.get_rank() == 0:
         try:

@@ -8,7 +8,7 @@ produce (a signal, a kill -9, a truncated file) sets, for the processes it start
   nan_steps:S,...   rank 0's first micro-batch of step S (1-based) gets a NaN student exit (teacher,
                     without ILSD): exercises the numerics guard
   kill_in_save:S    every rank SIGKILLs itself inside the save of step S, after the files are written
-                    and before `latest` moves
+                    and before `latest` moves; once per run (a restarted job saves step S again)
   die_at:R:S        rank R SIGKILLs itself as step S starts (a rank that always dies, when S comes
                     before the first checkpoint: a crash loop)
   eval_fails:R:S,.. rank R's in-training evaluation at step S raises while it samples (after the first loop
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -63,8 +64,12 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_in_save(step: int) -> None:
-    if plan().get("kill_in_save") == step:
+def kill_in_save(step: int, run_dir: Path) -> None:
+    """Once per run directory and rank: a marker left as the rank dies keeps the restarted job (which inherits
+    ELT_FAULT and saves step S again) from dying there forever; its mtime is the fault's time."""
+    marker = run_dir / f".fault_kill_in_save_{step}_rank{torch.distributed.get_rank()}"
+    if plan().get("kill_in_save") == step and not marker.exists():
+        marker.touch()
         _die()
 
 
