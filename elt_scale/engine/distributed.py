@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -29,11 +30,36 @@ def elastic_attempt_store(timeout: timedelta):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         return None
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                        int(os.environ["WORLD_SIZE"]), timeout=timeout,
-                                       is_master=not agent_hosts_it and os.environ["RANK"] == "0")
+                                       is_master=not agent_hosts_store() and os.environ["RANK"] == "0")
     return torch.distributed.PrefixStore(f"elt_attempt_{attempt}", store)
+
+
+def agent_hosts_store() -> bool:
+    """torchrun's agent hosts the rendezvous store (and outlives its workers); otherwise rank 0 does (env://)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+class StoreGone(ConnectionRefusedError):
+    """Nothing listens on the rendezvous store's port: the process that hosted it (rank 0, or torchrun's agent)
+    is gone."""
+
+
+def store_client(name: str, timeout_s: float):
+    """A client of the job's rendezvous store (MASTER_ADDR:MASTER_PORT, whoever hosts it) on a connection of its
+    own, public API only; keys under `name` and a prefix per launch (the port) and torchrun attempt, so that a
+    restarted job does not read a failed attempt's keys. Raises StoreGone when the port refuses: torch's client
+    retries a refusal until its timeout and then reports a timeout, as for a store that is only slow."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        socket.create_connection((addr, port), timeout=timeout_s).close()
+    except ConnectionRefusedError as e:
+        raise StoreGone(f"{addr}:{port} refuses connections") from e
+    store = torch.distributed.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                                       wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch.distributed.PrefixStore(f"{name}_{attempt}_{port}", store)
 
 
 def collective_deadline_s(recipe) -> float:
