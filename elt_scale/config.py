@@ -124,6 +124,8 @@ class TrainConfig(Section):
     watchdog_min_s: Float = Field(180, ge=0)      # ... but never before this many seconds
     watchdog_first_s: Float = Field(1800, ge=0)   # the first step's allowance (compilation, warm-up)
     heartbeat_timeout_s: Float = 30   # a rank silent this long ends the job on every rank (0 = off)
+    # ranks waiting for one rank's solo work (a checkpoint conversion, reference statistics) give up after this
+    solo_timeout_s: Float = Field(3600, gt=0)
 
 
 class DeepSpeedConfig(Section):
