@@ -302,3 +302,22 @@ def test_ranks_that_finish_at_different_times_exit_0(tmp_path, run_s):
         ranks.close()
     assert codes == [0, 0], ranks.logs()
     assert all("finished" in ranks.log(r) for r in (0, 1))
+
+
+def test_rank_0_killed_where_it_hosts_the_store_ends_the_others_at_once(tmp_path):
+    """Rank 0 killed (-9) takes its store's listening socket along: the refused connection says its process is
+    gone, and rank 1 exits 124 within seconds, not after the timeout (kept from before issue 41)."""
+    ranks = Ranks(tmp_path)
+    try:
+        procs = ranks.start([60, 60], timeout_s=20)
+        time.sleep(1.5)
+        procs[0].kill()
+        killed_at = time.monotonic()
+        code = procs[1].wait(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        ranks.close()
+    assert code == HEARTBEAT_EXIT_CODE and "rank 0 on 127.0.0.1 (the rendezvous store) is gone" in ranks.log(1), \
+        ranks.logs()
+    assert took < 10, took
+    print(f"rank 0 killed: rank 1 gone {took:.1f} s later (heartbeat timeout 20 s)")
