@@ -128,6 +128,8 @@ class TrainConfig(Section):
     startup_timeout_s: Float = Field(1800, ge=0)
     # a torch extension lock that predates the start, in a directory quiet this long, is a dead process's
     stale_lock_s: Float = Field(300, gt=0)
+    # ranks waiting for one rank's solo work (a checkpoint conversion, reference statistics) give up after this
+    solo_timeout_s: Float = Field(3600, gt=0)
 
 
 class DeepSpeedConfig(Section):

@@ -67,7 +67,7 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
     if same_layout:
         state = ckpt.load_same_world(engine, resume_from)
     elif saved:
-        how = universal.load(engine, resume_from, stage, recipe.train.watchdog_first_s)
+        how = universal.load(engine, resume_from, stage, recipe.train.solo_timeout_s)
         notes.append(f"optimizer state from layout (world {saved.world_size}, ZeRO-{saved.zero_stage}) loaded by {how}")
         engine.global_steps = saved.step      # DeepSpeed's own counter (the lr is a function of the step)
         state = saved

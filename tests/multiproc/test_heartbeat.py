@@ -1,16 +1,21 @@
-"""Heartbeats and the goodput ledger (issue 34), on real processes: a rank stopped with SIGSTOP ends the job on
-every rank within seconds, naming the silent rank and its host; a rank busy compiling for longer than the
-heartbeat timeout is not declared hung; the ledger of a run killed once (kill -9) and rerun adds up to its
-wall time and counts the steps done twice."""
+"""Heartbeats and the goodput ledger (issues 34, 41), on real processes: a rank stopped with SIGSTOP ends the job
+on every rank within seconds, naming the silent rank and its host, also rank 0 where it does not host the store;
+a rank busy compiling for longer than the heartbeat timeout is not declared hung; only silence ends a rank: a
+reset store connection (`ss -K`) or a store that stalls for less than the timeout costs nothing, and ranks that
+finish at different times all exit 0; the ledger of a run killed once (kill -9) and rerun adds up to its wall
+time and counts the steps done twice. tests/heartbeat_probe.py runs one rank's heartbeat without the training."""
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
+from elt_scale.dist import free_port
 from elt_scale.engine.heartbeat import HEARTBEAT_EXIT_CODE
 from tests.conftest import ROOT, ok, read_metrics, run_train, train_cmd
 
@@ -76,6 +81,32 @@ def test_a_stopped_rank_ends_the_job_within_the_heartbeat_timeout(tmp_path, digi
     print(f"rank {stopped} stopped: the other rank left {took:.1f} s later (heartbeat timeout {HEARTBEAT_S} s)")
 
 
+def test_reset_store_connections_cost_a_training_run_nothing(tmp_path, digits_shards):
+    """Issue 41's measurement: every connection of rank 1 to the rendezvous store reset (`ss -K`) at step 3 and
+    again at step 6 cost a whole restart; now the run goes on to its last step, one attempt, exit 0."""
+    cmd = train_cmd("digits_masked.yaml", f"data.shards={digits_shards}", f"run.out_dir={tmp_path}", "run.name=rs",
+                    *TINY, "train.steps=40", f"train.heartbeat_timeout_s={HEARTBEAT_S}", nprocs=2)
+    port = int(cmd[cmd.index("--master_port") + 1])
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        ranks = ranks_of(launcher, 2)
+        for step in (3, 6):
+            wait_for_step(tmp_path / "rs", step, launcher)
+            assert reset_connections(ranks[1].pid, port) >= 1
+        code = launcher.wait(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            for p in psutil.Process(launcher.pid).children(recursive=True):
+                p.kill()
+            launcher.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "rs") if "loss" in r] == list(range(1, 41))
+    assert "silent" not in text and "has not answered" not in text and "is gone" not in text
+
+
 def test_ranks_busy_longer_than_the_heartbeat_timeout_are_not_hung(tmp_path, digits_shards):
     """Compiling the looped block (torch.compile) and then an in-training evaluation of 3,000 samples keep both
     ranks' main threads busy for several heartbeat timeouts (3 s): the run finishes, no rank declared silent."""
@@ -120,3 +151,173 @@ def test_goodput_ledger_of_a_run_killed_once_adds_up(tmp_path, digits_shards):
     info = json.loads((tmp_path / "g" / "run_info.json").read_text())
     assert info["goodput"]["effective_training_ratio"] == total["effective_training_ratio"]
     assert "goodput" in r.stdout and f"{total['redone_steps']} steps redone" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# only silence ends a rank (issue 41): heartbeats alone, in real processes (tests/heartbeat_probe.py)
+
+PROBE_S = 4         # the probes' heartbeat timeout
+
+
+class Ranks:
+    """Probe ranks on one store: rank 0's own (as under srun/deepspeed) or, with `agent`, a store process of its
+    own standing in for torchrun's agent. Rank 0 starts first: the others connect to a store that is there."""
+
+    def __init__(self, tmp_path, agent: bool = False):
+        self.tmp, self.port, self.procs, self.store = tmp_path, free_port(), [], None
+        self.env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), PYTHONPATH=str(ROOT),
+                        PROBE_GO=str(tmp_path / "go"))
+        self.env.pop("TORCHELASTIC_RESTART_COUNT", None)
+        if agent:
+            self.env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+            code = (f"import time, torch, datetime; s = torch.distributed.TCPStore('127.0.0.1', {self.port}, "
+                    f"is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)); "
+                    f"print('up', flush=True); time.sleep(600)")
+            self.store = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            assert self.store.stdout.readline().strip() == "up"
+        else:
+            self.env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+
+    def start(self, run_s: list[float], timeout_s: float = PROBE_S) -> list[subprocess.Popen]:
+        for rank, seconds in enumerate(run_s):
+            log = open(self.tmp / f"rank{rank}.txt", "w")
+            self.procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "heartbeat_probe.py"), str(rank),
+                                                str(len(run_s)), str(timeout_s), str(seconds)], cwd=ROOT,
+                                               env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            self.wait_for(rank, "ready")
+        (self.tmp / "go").touch()                       # every rank ready: their heartbeats start together
+        for rank in range(len(run_s)):
+            self.wait_for(rank, "beating")
+        return self.procs
+
+    def wait_for(self, rank: int, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(rank):
+            assert self.procs[rank].poll() is None and time.monotonic() < deadline, self.log(rank)[-2000:]
+            time.sleep(0.05)
+
+    def log(self, rank: int) -> str:
+        return (self.tmp / f"rank{rank}.txt").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- rank {r}\n{self.log(r)[-1500:]}" for r in range(len(self.procs)))
+
+    def close(self) -> None:
+        for p in [*self.procs, self.store]:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+
+
+def store_connections(pid: int, port: int) -> list[int]:
+    """The local ports of process `pid`'s established TCP connections to `port` (`ss -tnp`; psutil lists none
+    for a TCPStore client's socket here)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"], check=True,
+                         capture_output=True, text=True).stdout
+    return [int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def reset_connections(pid: int, port: int) -> int:
+    """`ss -K` (root, loopback) every established TCP connection of process `pid` to `port`; how many."""
+    deadline = time.monotonic() + 5
+    while not (mine := store_connections(pid, port)) and time.monotonic() < deadline:
+        time.sleep(0.1)                                 # between a reset and the reconnect
+    for lport in mine:
+        subprocess.run(["ss", "-K", "-t", "state", "established", f"( sport = :{lport} and dport = :{port} )"],
+                       check=True, capture_output=True)
+    assert not set(mine) & set(store_connections(pid, port)), "ss -K left a connection"
+    return len(mine)
+
+
+def test_reset_store_connections_do_not_end_a_rank(tmp_path):
+    """Rank 1's connection to the store (rank 0's) reset three times, 1.5 s apart (`ss -K`): it reconnects, no
+    rank is declared, both finish and exit 0."""
+    ranks = Ranks(tmp_path)
+    try:
+        procs = ranks.start([10, 10])
+        time.sleep(1.5)
+        for _ in range(3):
+            assert reset_connections(procs[1].pid, ranks.port) >= 1, ranks.logs()
+            time.sleep(1.5)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        ranks.close()
+    assert codes == [0, 0], ranks.logs()
+    assert "silent" not in ranks.logs() and "gone" not in ranks.logs()
+
+
+def test_a_store_stall_shorter_than_the_timeout_costs_nothing_a_longer_one_ends_every_rank(tmp_path):
+    """The store (a process of its own, as torchrun's agent's) stopped for 0.6 x the timeout: nothing; stopped
+    for good: every rank exits 124 within the timeout and a few seconds, naming the store."""
+    ranks = Ranks(tmp_path, agent=True)
+    try:
+        procs = ranks.start([60, 60])
+        time.sleep(1.5)
+        ranks.store.send_signal(signal.SIGSTOP)
+        time.sleep(0.6 * PROBE_S)
+        ranks.store.send_signal(signal.SIGCONT)
+        time.sleep(2 * PROBE_S)
+        assert [p.poll() for p in procs] == [None, None], ranks.logs()
+        ranks.store.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        codes = [p.wait(timeout=PROBE_S + 30) for p in procs]
+        took = time.monotonic() - stopped_at
+    finally:
+        ranks.close()
+    assert codes == [HEARTBEAT_EXIT_CODE] * 2, ranks.logs()
+    assert f"the rendezvous store at 127.0.0.1:{ranks.port} (torchrun's agent) has not answered" in ranks.log(1)
+    assert took < PROBE_S + 6, took
+    print(f"store stopped: every rank gone {took:.1f} s later (heartbeat timeout {PROBE_S} s)")
+
+
+def test_a_stopped_rank_0_is_found_where_the_agent_hosts_the_store(tmp_path):
+    """torchrun's agent hosts the store (a process standing in for it), so rank 0 stopped leaves the store
+    answering: ranks 1 and 2 see rank 0's beats stop and exit 124 within the timeout and a few seconds."""
+    ranks = Ranks(tmp_path, agent=True)
+    try:
+        procs = ranks.start([60, 60, 60])
+        time.sleep(1.5)
+        procs[0].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        codes = [p.wait(timeout=PROBE_S + 30) for p in procs[1:]]
+        took = time.monotonic() - stopped_at
+    finally:
+        ranks.close()
+    assert codes == [HEARTBEAT_EXIT_CODE] * 2, ranks.logs()
+    assert all(f"rank 0 on {socket.gethostname()} has been silent" in ranks.log(r) for r in (1, 2)), ranks.logs()
+    assert took < PROBE_S + 6, took
+    print(f"rank 0 stopped under an agent's store: ranks 1, 2 gone {took:.1f} s later (timeout {PROBE_S} s)")
+
+
+@pytest.mark.parametrize("run_s", [[1, 8], [8, 1]], ids=["rank0-first", "rank1-first"])
+def test_ranks_that_finish_at_different_times_exit_0(tmp_path, run_s):
+    """Rank 0 hosts the store: whichever rank finishes first, 7 s (more than the timeout) before the other,
+    neither is declared silent nor takes the vanished store for a dead rank 0."""
+    ranks = Ranks(tmp_path)
+    try:
+        procs = ranks.start(run_s)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        ranks.close()
+    assert codes == [0, 0], ranks.logs()
+    assert all("finished" in ranks.log(r) for r in (0, 1))
+
+
+def test_rank_0_killed_where_it_hosts_the_store_ends_the_others_at_once(tmp_path):
+    """Rank 0 killed (-9) takes its store's listening socket along: the refused connection says its process is
+    gone, and rank 1 exits 124 within seconds, not after the timeout (kept from before issue 41)."""
+    ranks = Ranks(tmp_path)
+    try:
+        procs = ranks.start([60, 60], timeout_s=20)
+        time.sleep(1.5)
+        procs[0].kill()
+        killed_at = time.monotonic()
+        code = procs[1].wait(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        ranks.close()
+    assert code == HEARTBEAT_EXIT_CODE and "rank 0 on 127.0.0.1 (the rendezvous store) is gone" in ranks.log(1), \
+        ranks.logs()
+    assert took < 10, took
+    print(f"rank 0 killed: rank 1 gone {took:.1f} s later (heartbeat timeout 20 s)")
