@@ -44,7 +44,7 @@ from ..models import build_model
 from ..sampling import parse_loop_list
 from ..tokenizers import tokenizer_from_manifest
 from . import faults
-from .distributed import SoloTimeout, collective_deadline_s, solo
+from .distributed import SoloTimeout, solo
 from .ds_internals import fp32_fragment, full_shape
 
 
@@ -143,7 +143,7 @@ class LiveEval:
         if self.cfg.every > 0 and self.cfg.reference:
             self.scorer.prepare_reference()
             solo(lambda: None, f"computing the reference statistics of {self.cfg.reference}",
-                 self.recipe.train.watchdog_first_s)
+                 self.recipe.train.solo_timeout_s)
 
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and not self.off and step % self.cfg.every == 0
@@ -226,9 +226,8 @@ class LiveEval:
         """work() on rank 0 while the others wait through the store (engine.distributed.solo): scoring can
         outlast a collective's deadline (scipy's sqrtm of a 2048² matrix takes a minute on a CPU, two per loop
         spec), and an error in it reaches every rank. -> [] or [rank 0's error], the same on every rank."""
-        deadline_s = max(self.recipe.train.watchdog_first_s, collective_deadline_s(self.recipe))
         try:
-            solo(work, "scoring an evaluation", deadline_s)
+            solo(work, "scoring an evaluation", self.recipe.train.solo_timeout_s)
             return []
         except SoloTimeout:                # rank 0 hung or gone: not an evaluation error, the run's to end
             raise
