@@ -5,7 +5,8 @@
 Trains plain_small and plain_deep (the reproduce study's model_overrides on recipes/digits_masked.yaml) one
 at a time through the real trainer, then measures the held-out masked-token loss on the mosaic val split
 with the same shared draw of masks as studies.measure. Each row (config, seed, steps, val loss, wall time)
-is printed and appended to OUT/rows.jsonl. Not a study with claims: sizing for a later one.
+is printed and appended to OUT/rows.jsonl, with the loss under a wrong class
+(does the model use the class at all?). Not a study with claims: sizing for a later one.
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def held_out_loss(run: Run) -> float:
+def held_out_loss(run: Run) -> tuple[float, float]:
+    """(loss with the true class, loss with class (label + 5) mod 10). Equal numbers mean the model ignores the
+    class, i.e. has not learned the rule that ties the cells together: the part of the task depth is for."""
     from elt_scale.inference.load import load
     loaded = load(run.dir)
     x, y = read_split(run.shards, "val")
     L = loaded.recipe.model.loops
-    return val_loss_by_loops(loaded.model, x, y, [L], VAL_SEED)[L]
+    return tuple(val_loss_by_loops(loaded.model, x, labels, [L], VAL_SEED)[L] for labels in (y, (y + 5) % 10))
 
 
 def main(argv=None) -> int:
@@ -60,8 +63,10 @@ def main(argv=None) -> int:
             start = time.time()
             train_all([run], args.steps, extra, 1, out / "logs")
             wall = time.time() - start
+            true, wrong = held_out_loss(run)
             row = {"grid": args.grid, "rule": args.rule, "model": model, "seed": seed, "steps": args.steps,
-                   "overrides": args.overrides, "val_loss": round(held_out_loss(run), 5), "train_wall_s": round(wall, 1)}
+                   "overrides": args.overrides, "val_loss": round(true, 5), "val_loss_wrong_class": round(wrong, 5),
+                   "train_wall_s": round(wall, 1)}
             print(json.dumps(row), flush=True)
             with open(out / "rows.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
