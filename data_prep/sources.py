@@ -15,6 +15,8 @@ with the reason; inputs that fail to decode are added to it later by tokenize.py
               (in ROOT, ROOT/ucfTrainTestlist, or --annotations DIR); --split train|test, --split-id K.
     folder    ROOT/<class>/**/<image>, classes in sorted folder order.
     digits    scikit-learn's 8x8 digits (no --input).
+    digit-mosaic  a proxy task where relating distant tokens matters: R x C of those digits tiled into one
+              (8R) x (8C) image whose class is a rule over all of its digits (--mosaic-*; no --input).
 Class names are matched case-insensitively between index files and folders (UCF-101's classInd.txt
 says HandStandPushups, its folder says HandstandPushups).
 """
@@ -237,4 +239,60 @@ def digits(split="train", **_) -> Source:
     return Source(items, [str(c) for c in range(10)], 1, [8, 8], ArrayDecoder(images))
 
 
-SOURCES = {"digits": digits, "folder": folder, "imagenet": imagenet, "ucf101": ucf101}
+def _digits_split(split: str, source: str):
+    """The 8x8 digits of one split in [0, 1] and their labels: every 10th image is `val`, the rest `train`."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    if split not in ("train", "val"):
+        raise ValueError(f"{source} has splits train and val, not {split!r}")
+    keep = np.array([i for i in range(len(data.images)) if (i % 10 == 0) == (split == "val")])
+    return keep, (data.images.astype(np.float32) / 16.0)[keep], data.target[keep].astype(np.int64)
+
+
+# the class of a mosaic from its digits (count, cells), read row by row. `sum`: the digits' sum mod 10, so a
+# masked cell is fixed only by the class together with every other cell (attention across the canvas, then
+# arithmetic on what it found: the composition depth is for). `first`: the top-left digit, a local control.
+MOSAIC_RULES = {"sum": lambda d: d.sum(axis=1) % 10, "first": lambda d: d[:, 0]}
+MOSAIC_COUNTS = {"train": 4000, "val": 500}
+
+
+def parse_mosaic_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mosaic-grid {text!r}: expected ROWSxCOLS, e.g. 2x2") from None
+    if rows < 1 or cols < 1 or rows * cols < 2:
+        raise ValueError(f"--mosaic-grid {text!r}: needs at least two cells")
+    return rows, cols
+
+
+def mosaic_cells(split: str, count: int, cells: int, pool: int, seed: int) -> np.ndarray:
+    """(count, cells) indices into the split's digit pool, drawn with replacement; one stream per split and
+    seed, so a mosaic set is the same on every machine and rank and train and val draw independently."""
+    from elt_scale.seeding import derive_seed
+    return np.random.default_rng(derive_seed(seed, "digit-mosaic", split)).integers(0, pool, (count, cells))
+
+
+def digit_mosaic(split="train", mosaic_grid="2x2", mosaic_rule="sum", mosaic_count=None, seed=0, **_) -> Source:
+    """Mosaics of scikit-learn's digits. Train mosaics use train digits only and val mosaics val digits only
+    (the digits source's split), so no source digit is seen in both; labels follow --mosaic-rule."""
+    rows, cols = parse_mosaic_grid(mosaic_grid or "2x2")
+    rule = mosaic_rule or "sum"
+    if rule not in MOSAIC_RULES:
+        raise ValueError(f"--mosaic-rule {rule!r}: one of {', '.join(sorted(MOSAIC_RULES))}")
+    keep, images, targets = _digits_split(split, "digit-mosaic")
+    count = MOSAIC_COUNTS[split] if mosaic_count is None else mosaic_count
+    if count < 1:
+        raise ValueError(f"--mosaic-count {count}: must be >= 1")
+    idx = mosaic_cells(split, count, rows * cols, len(keep), seed)
+    # (count, rows, cols, 8, 8) -> (count, rows, 8, cols, 8) -> one (8 rows) x (8 cols) canvas each
+    canvas = images[idx].reshape(count, rows, cols, 8, 8).transpose(0, 1, 3, 2, 4).reshape(count, 8 * rows, 8 * cols)
+    labels = MOSAIC_RULES[rule](targets[idx])
+    items = [Item(f"mosaic_{j:06d}", j, int(labels[j]), "digits[" + ",".join(str(int(keep[i])) for i in idx[j]) + "]")
+             for j in range(count)]
+    return Source(items, [str(c) for c in range(10)], 1, [8 * rows, 8 * cols], ArrayDecoder(canvas), info={
+        "mosaic_grid": f"{rows}x{cols}", "mosaic_rule": rule, "mosaic_count": count})
+
+
+SOURCES = {"digits": digits, "digit-mosaic": digit_mosaic, "folder": folder, "imagenet": imagenet, "ucf101": ucf101}

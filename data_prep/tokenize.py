@@ -68,6 +68,14 @@ def parse_args(argv=None):
     g.add_argument("--annotations", default=None, help="ucf101: folder with classInd.txt and the split lists")
     g.add_argument("--frames", type=int, default=16, help="video: frames per clip")
     g.add_argument("--frame-stride", type=int, default=1, help="video: take every S-th frame")
+    g.add_argument("--mosaic-grid", default="2x2",
+                   help="digit-mosaic: ROWSxCOLS digits per image, each cell 8x8 pixels (default 2x2: 16x16 pixels)")
+    g.add_argument("--mosaic-rule", default="sum", choices=["sum", "first"],
+                   help="digit-mosaic: the class of a mosaic; sum = its digits' sum mod 10 (default: every cell "
+                        "matters), first = its top-left digit (a local control)")
+    g.add_argument("--mosaic-count", type=int, default=None,
+                   help="digit-mosaic: mosaics in this split (default train 4000, val 500), drawn from --seed; "
+                        "train mosaics use train digits only, val mosaics val digits only")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="pixels", choices=sorted(REGISTRY),
                    help="pixels | sd-vae (AutoencoderKL) | vq (VQModel) | maskgit-vq (MaskGIT's VQGAN: its "
@@ -116,6 +124,14 @@ def parse_args(argv=None):
     if not args.merge:
         args.split = args.split or "train"
     return args
+
+
+def source_settings(args) -> dict:
+    """The digit-mosaic options, hashed only for that source: the hashes of every other source (and so the
+    shard sets already on disk) stay what they were before these options existed."""
+    if args.source != "digit-mosaic":
+        return {}
+    return {"mosaic_grid": args.mosaic_grid, "mosaic_rule": args.mosaic_rule, "mosaic_count": args.mosaic_count}
 
 
 def settings_hash(args, names, extra: dict | None = None) -> str:
@@ -246,10 +262,13 @@ def main(argv=None) -> int:
         if not items:
             raise ValueError(f"no inputs for {args.source}/{args.split} under {args.input}"
                              f" ({len(source.skipped)} refused: {source.skipped[:3]})")
-        check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS))
+        mosaic = source_settings(args)
+        # the count may differ between splits (4000 train, 500 val): a split setting, not a sample one
+        sample_extra = {k: v for k, v in mosaic.items() if k != "mosaic_count"}
+        check_out_dir(out, settings_hash(args, SAMPLE_SETTINGS, sample_extra))
         tok, shape = build(args, source)
         shards = plan_shards(len(items), args.samples_per_shard, args.rank, args.world_size)
-        split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS, order_setting(args))
+        split_hash = settings_hash(args, SAMPLE_SETTINGS + SPLIT_SETTINGS, order_setting(args) | mosaic)
 
         def expect(s):
             return {"split_hash": split_hash, "items": s.end - s.start, "first_key": items[s.start].key}
@@ -271,7 +290,7 @@ def main(argv=None) -> int:
         "num_classes": len(source.class_names),
         "class_names": source.class_names,
         "splits": {args.split: split_entry(sidecars, len(source.class_names), item_order_entry(args, items))},
-        "config_hash": settings_hash(args, SAMPLE_SETTINGS),
+        "config_hash": settings_hash(args, SAMPLE_SETTINGS, sample_extra),
         "split_hash": split_hash, "rank": args.rank, "world_size": args.world_size,
         "skipped": listing_skipped + [s for _, side in sidecars for s in side["skipped"]],
     }

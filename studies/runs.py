@@ -31,13 +31,13 @@ class Run:
         return f"{self.family}_{self.model}_s{self.seed}"
 
 
-def tokenize(shards: Path, args: tuple[str, ...] = ()) -> None:
-    """Digits train and val splits into one shard set (skipped when already there)."""
+def tokenize(shards: Path, args: tuple[str, ...] = (), source: str = "digits") -> None:
+    """A built-in source's train and val splits into one shard set (skipped when already there)."""
     from elt_scale.data.shards import read_manifest
     have = set(read_manifest(shards)["splits"]) if (shards / "manifest.json").exists() else set()
     for split in ("train", "val"):
         if split not in have:
-            subprocess.run([sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", "digits",
+            subprocess.run([sys.executable, str(ROOT / "data_prep" / "tokenize.py"), "--source", source,
                             "--split", split, "--out", str(shards), *args], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
 
