@@ -247,11 +247,12 @@ TINY = ("model.width=32", "train.micro_batch=8", "train.log_every=1", "train.sav
 CPU_JOB = ("--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
 
 
-def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train", dry_run=False):
+def submit_train(cluster, tmp_path, job_env, *overrides, name="elt-train", dry_run=False, sbatch_args=()):
     out = tmp_path / "batch-%j.out"
     job_env = dict(job_env, ELT_DRY_RUN="1" if dry_run else "0")
     job = cluster.sbatch("slurm/train_large.sh", str(ROOT / "recipes" / "digits_masked.yaml"), *TINY, *overrides,
-                         sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}"], env=job_env, cwd=ROOT)
+                         sbatch_args=["-N2", *CPU_JOB, f"--job-name={name}", f"--output={out}", *sbatch_args],
+                         env=job_env, cwd=ROOT)
     return job, Path(str(out).replace("%j", str(job)))
 
 
