@@ -22,9 +22,11 @@ import tarfile
 import time
 from pathlib import Path
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# Run as a script (`python data_prep/reshuffle.py`), this file's folder heads sys.path, and data_prep/tokenize.py
+# would shadow the stdlib `tokenize` module (numpy and torch import inspect, which imports it): put the project
+# root there instead, before other imports. Python resolves symlinks in that entry: compare real paths.
+_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.realpath(p or ".") != os.path.join(_ROOT, "data_prep")]
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -21,6 +21,7 @@ A reference that cannot be used (missing, NaN or asymmetric statistics, sizes ot
 exits 2 with one line naming the file and the key, before anything is sampled or extracted."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -132,7 +133,9 @@ def main(argv=None) -> int:
     a.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"), help="diffusion sampler")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--batch-size", type=int, default=64)
-    a.add_argument("--ema", action="store_true", help="use the EMA weights of run directories")
+    a.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema: the EMA weights of run directories (an error if one has none); --no-ema: the raw "
+                        "weights (default: the EMA when the checkpoint keeps one, as elt-sample)")
     a.add_argument("--shards", help="shards dir with the tokenizer manifest (default: the one each run recorded)")
     a.add_argument("--reference", help="reference images for fid/fvd: ADM .npz or shards dir")
     a.add_argument("--inception-weights", help="local Inception file for fid (nothing is downloaded)")

@@ -5,7 +5,9 @@
 Per loop spec it writes `samples_<L>.npz` (ADM layout: arr_0 uint8 N×H×W×3, or N×T×H×W×3 for video;
 arr_1 the class labels) and `grid_<L>.png` (`grid_<L>.gif` for video). Loop specs: `4`, a range `1-6`,
 a per-step ramp `6>2`, piecewise `6/4/2`, or adaptive `auto:0.02` (see elt_scale/loopspec.py).
-A run directory records its tokenizer, so this works from any directory and without the shards.
+A run directory records its tokenizer, so this works from any directory and without the shards. Weights: the
+EMA when the checkpoint keeps one (train.ema_decay > 0), else the raw ones, as ELT.from_pretrained does;
+`--ema` insists on the EMA, `--no-ema` takes the raw weights.
 
 Under torchrun/deepspeed (RANK/WORLD_SIZE set) each process samples its share of the batches and rank 0
 writes the merged files; sample i depends only on (seed, i), so the result does not depend on the number
@@ -46,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--class", dest="class_id", type=int, default=None, help="sample one class only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema: the EMA weights (an error if the run has none); --no-ema: the raw weights "
+                        "(default: the EMA when the checkpoint keeps one, as ELT.from_pretrained and eval.every)")
     p.add_argument("--shards", default=None, help="shards dir whose manifest names the tokenizer (default: the "
                                                   "one the run recorded)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
         if rank == 0:
             npz = save_npz(out / f"samples_{schedule.label}.npz", s.images, s.labels)
             grid = save_grid(out / f"grid_{schedule.label}", s.images)
-            print(f"elt-sample: L={schedule.spec} {len(s.labels)} samples in {s.wall_s:.1f}s, "
+            print(f"elt-sample: L={schedule.spec} {len(s.labels)} samples ({'EMA' if loaded.ema else 'raw'} weights) "
+                  f"in {s.wall_s:.1f}s, "
                   f"{s.loops_per_step:.2f} loops/step, {s.gflops_per_sample:.3f} GFLOPs/sample -> {npz}, {grid}")
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -4,7 +4,9 @@
 #   sbatch slurm/train_large.sh RECIPE.yaml [key.sub=value ...]          (submit from the checkout)
 #   sbatch --nodes 16 slurm/train_large.sh recipes/imagenet256_masked_elt_xl_7x4.yaml
 #   ELT_DRY_RUN=1 sbatch slurm/train_large.sh RECIPE.yaml ...   print each node's exact commands, train nothing
-#   ELT_DRY_RUN=1 bash slurm/train_large.sh RECIPE.yaml ...     the same without a cluster (nodes node0..)
+#   ELT_DRY_RUN=1 bash slurm/train_large.sh RECIPE.yaml ...     the same without a cluster: the default layout
+#                                                               below (2 nodes × 8 = 16 ranks) on nodes node0..;
+#                                                               SLURM_JOB_NUM_NODES=16 for what --nodes 16 runs
 #
 # Ranks: srun starts --ntasks-per-node tasks on every node (one per GPU); slurm/task_env.sh turns
 # SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID into RANK/WORLD_SIZE/LOCAL_RANK. Rendezvous: the first host
@@ -70,11 +72,17 @@ source slurm/job_setup.sh train_large.sh slurm/task_env.sh   # checks the checko
 DRY_RUN="${ELT_DRY_RUN:-0}"
 export ELT_DRY_RUN="$DRY_RUN"
 
-# Outside a job only a dry run makes sense: show it for a made-up allocation of 2 nodes.
+# Outside a job only a dry run makes sense: show it for a made-up allocation of the layout sbatch would give,
+# the #SBATCH defaults at the top (SLURM_JOB_NUM_NODES / SLURM_NTASKS_PER_NODE, as `sbatch --nodes N
+# --ntasks-per-node T` would set them, override those), on nodes named node0, node1, ...
+sbatch_default() { sed -n "s/^#SBATCH --$1=\([0-9][0-9]*\)\$/\1/p" "${BASH_SOURCE[0]}" | head -n 1; }
 if [ -z "${SLURM_JOB_ID:-}" ]; then
   [ "$DRY_RUN" = 1 ] || { echo "train_large.sh: not inside a Slurm job; use sbatch (or ELT_DRY_RUN=1)" >&2; exit 2; }
-  NODES=(node0 node1)
-  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-1}"
+  num_nodes="${SLURM_JOB_NUM_NODES:-$(sbatch_default nodes)}"
+  NODES=()
+  for ((i = 0; i < num_nodes; i++)); do NODES+=("node$i"); done
+  TASKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-$(sbatch_default ntasks-per-node)}"
+  export SLURM_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-$(sbatch_default cpus-per-task)}"
   SLURM_JOB_ID=0 SLURM_JOB_NAME=elt-train
 else
   mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

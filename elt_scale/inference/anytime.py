@@ -17,7 +17,7 @@ CSV_NAME, PLOT_NAME = "anytime.csv", "anytime.png"
 def anytime_sweep(run_dirs: Sequence[str | Path], loops: str | Sequence[str | int], num: int,
                   out_dir: str | Path, *, names: Sequence[str] | None = None, metric: str = "auto",
                   cfg: float = 1.0, steps: int | None = None, sampler: str = "ddpm", seed: int = 0,
-                  batch_size: int = 64, ema: bool = False, shards: str | Path | None = None,
+                  batch_size: int = 64, ema: bool | None = None, shards: str | Path | None = None,
                   scorer: Scorer | None = None, progress: bool = True) -> list[dict]:
     """Rows {run, L, loops_per_step, <metrics...>, gflops_per_sample, wall_s}, one per model and loop spec.
 

@@ -23,10 +23,10 @@ def run(tmp_path_factory, digits_shards):
 
 @pytest.fixture(scope="module")
 def cli_samples(run, tmp_path_factory):
-    """elt-sample on the run's EMA weights at L=2 and adaptive loops."""
+    """elt-sample with no weights flag (the EMA: the run keeps one) at L=2 and adaptive loops."""
     from elt_scale import sample
     out = tmp_path_factory.mktemp("cli")
-    assert sample.main([str(run), "--ema", "--loops", "2,auto:0.05", "-n", "10", "--cfg", "2.0", "--steps", "4",
+    assert sample.main([str(run), "--loops", "2,auto:0.05", "-n", "10", "--cfg", "2.0", "--steps", "4",
                         "--seed", "3", "--out", str(out)]) == 0
     return {spec: np.load(out / f"samples_{label}.npz")["arr_0"] for spec, label in
             (("2", "L2"), ("auto:0.05", "Lauto_0.05"))}
@@ -53,6 +53,18 @@ def test_run_dir_export_and_saved_folder_sample_like_elt_sample(run, cli_samples
     pil = saved.generate([1, 7], loops=2, output="pil", **ARGS)
     assert [im.size for im in pil] == [(8, 8)] * 2
     assert np.array_equal(np.stack([np.asarray(im) for im in pil]), saved.generate([1, 7], loops=2, **ARGS))
+
+
+def test_elt_sample_takes_the_ema_by_default_as_the_api_does(run, cli_samples, tmp_path):
+    """Issue 38: elt-sample took the raw weights unless --ema, from_pretrained the EMA; one rule now."""
+    from elt_scale import sample
+    flags = {"ema": ["--ema"], "raw": ["--no-ema"]}
+    got = {}
+    for name, flag in flags.items():
+        assert sample.main([str(run), *flag, "--loops", "2", "-n", "10", "--cfg", "2.0", "--steps", "4", "--seed", "3",
+                            "--out", str(tmp_path / name)]) == 0
+        got[name] = np.load(tmp_path / name / "samples_L2.npz")["arr_0"]
+    assert np.array_equal(got["ema"], cli_samples["2"]) and not np.array_equal(got["raw"], cli_samples["2"])
 
 
 def test_checkpoint_and_raw_weights_are_selectable(run):
