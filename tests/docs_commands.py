@@ -90,6 +90,10 @@ NOT_RUN: dict[str, str] = {
     "python bench/live_eval_overhead.py": BENCH + "; 300 training steps",
     "python bench/dataloader.py": BENCH + "; minutes of streaming",
     "python bench/batch_mix.py": BENCH + "; rewrites docs/batch_mix.{md,csv}",
+    "python data_prep/convert_maskgit_flax.py tokenizer_imagenet256_checkpoint --out "
+    "/models/maskgit-vqgan-imagenet-f16-256.safetensors":
+        "needs Google's Flax checkpoint (a download); tests/unit/test_maskgit_flax.py converts a tiny checkpoint in "
+        "its format through the same main() and checks the codes and pixels against Google's network",
 }
 
 RUN: set[str] = {
@@ -118,7 +122,9 @@ RUN: set[str] = {
     "torchrun --standalone --nproc-per-node 8 --max-restarts 3 -m elt_scale.train RECIPE.yaml ...",
     # docs/data.md
     "python data_prep/tokenize.py --source imagenet --input /data/imagenet/train --resolution 256 --tokenizer vq "
-    "--tokenizer-path /models/vqgan-f16-1024 --samples-per-shard 1000 --out /data/shards/in256-vq",
+    "--tokenizer-path /models/vqgan-f16-1024 --samples-per-shard 1000 --out /data/shards/in256-vqmodel",
+    "python data_prep/tokenize.py --source digit-mosaic --mosaic-grid 2x2 --mosaic-rule sum --split train --out "
+    "shards/mosaic",
     "python data_prep/tokenize.py --source imagenet --input /data/imagenet/val --labels LOC_val_solution.csv --split val "
     "--resolution 256 --tokenizer sd-vae --tokenizer-path stabilityai/sd-vae-ft-ema --samples-per-shard 1000 "
     "--out /data/shards/in256-sdvae",
