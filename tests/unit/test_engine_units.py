@@ -86,6 +86,8 @@ def test_ema_shards_consolidate_and_reslice_across_world_sizes(tmp_path):
     (tmp_path / "ema_rank00001.safetensors").unlink()
     with pytest.raises(ValueError, match="cover only part"):
         consolidate(tmp_path)
+    with pytest.raises(KeyError, match="lack \\(part of\\) parameter"):   # a resume finds the hole too
+        ShardedEMA(module, 0.9, 0, 1).load(tmp_path)
 
 
 def test_poison_turns_a_bad_loss_into_nan_gradients_and_leaves_a_good_one_exact():
