@@ -3,7 +3,8 @@ tokenize command, trained, saved, resumed on another layout, exported and sample
 Slurm cluster (tests/slurm_cluster.py), with each process's peak host memory recorded.
 
     sudo python bench/rehearsal.py [--recipes masked,diffusion] [--global-batch 2] [--work DIR] [--out JSON]
-    sudo python bench/rehearsal.py --ci ...        the CI cut (tests/cluster/test_real_size.py): no phase C
+    sudo python bench/rehearsal.py --ci ...        the CI cut (tests/cluster/test_real_size.py): no phase C,
+                                                   one loop count and one sample
 
 Per recipe (masked: imagenet256_masked_elt_xl_7x4, diffusion: imagenet256_diffusion_elt_8x4):
   data   an ImageNet-shaped tree (tests/tiny_tokenizers.py) through the header's `# data:` command, run as
@@ -20,7 +21,7 @@ Per recipe (masked: imagenet256_masked_elt_xl_7x4, diffusion: imagenet256_diffus
          grad_accum for one rank, so step 3 sees the same samples and draws as A's (a cross-layout resume:
          2 ranks -> 1, through the universal checkpoint)
   export `python -m elt_scale.export RUN --ema`, then `python -m elt_scale.sample FILE --loops 1,L_max
-         -n 2 --steps 2` (MaskGIT, or DDIM for diffusion)
+         -n 2 --steps 2` (MaskGIT, or DDIM for diffusion; --ci: --loops L_max -n 1)
   C      (not with --ci) B's step-3 checkpoint (1 rank) resumed on 2 nodes with nothing left to train: each
          rank's peak host memory is that of a cross-layout resume alone
 Peak host RSS: every Python process the phases start imports a `sitecustomize` written into --work (on
@@ -155,10 +156,11 @@ class Jobs:
     def env(self, rss: Path) -> dict:
         rss.mkdir(parents=True, exist_ok=True)
         return {"ELT_ENV_FILE": str(self.env_file), "ELT_LOG_DIR": str(self.work / "logs"), "ELT_RSS_DIR": str(rss),
-                "WANDB_MODE": "disabled", "ELT_MAX_RESTARTS": "0"}
+                "WANDB_MODE": "disabled", "ELT_MAX_RESTARTS": "2"}   # the rendezvous port is 20000 + job id:
+        # another engineer's loopback cluster on this host may hold it; a restart moves it (train_large.sh)
 
-    def train(self, name: str, nodes: int, cpus: int, args: list[str], rss: Path) -> float:
-        """One train_large.sh job to completion; its wall seconds (queue to end)."""
+    def train(self, name: str, nodes: int, cpus: int, args: list[str], rss: Path) -> dict:
+        """One train_large.sh job to completion: its wall seconds (queue to end) and restarts."""
         out = self.work / f"{name}-%j.out"
         start = time.time()
         job = self.cluster.sbatch("slurm/train_large.sh", *args, env=self.env(rss), cwd=ROOT, sbatch_args=[
@@ -170,7 +172,9 @@ class Jobs:
                              [Path(str(out).replace("%j", str(job))), *sorted((self.work / "logs").glob(f"{name}-{job}/*.log"))]
                              if p.exists())
             raise SystemExit(f"job {name} ({job}) ended {info.get('JobState')} {info.get('ExitCode')}\n{logs}")
-        return time.time() - start
+        batch = Path(str(out).replace("%j", str(job))).read_text(errors="replace")
+        return {"wall_s": time.time() - start, "restarts": len(re.findall(r"; restart \d+ of \d+", batch)),
+                "rss": rss_records(rss)}
 
     def cli(self, cmd: list[str], what: str, rss: Path) -> float:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -179,15 +183,21 @@ class Jobs:
 
 
 def rss_records(folder: Path) -> list[dict]:
-    rows = []
+    """One row per (kind, rank, node): the largest peak of its processes (a restarted attempt adds one)."""
+    rows = {}
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
         argv = " ".join(r["argv"])
         kind = ("converter" if "ds_to_universal" in argv else "rank" if "elt_scale/train" in argv else
                 "export" if "elt_scale/export" in argv else "sample" if "elt_scale/sample" in argv else "other")
-        rows.append({"kind": kind, "rank": r["rank"], "node": r["node"], "peak_rss_gib": r["maxrss_kib"] / 2**20,
-                     "wall_s": r["wall_s"]})
-    return sorted(rows, key=lambda r: (r["kind"], str(r["rank"])))
+        row = {"kind": kind, "rank": r["rank"], "node": r["node"], "peak_rss_gib": r["maxrss_kib"] / 2**20,
+               "wall_s": r["wall_s"], "processes": 1}
+        key = (kind, r["rank"], r["node"])
+        if key in rows:
+            row["processes"] += rows[key]["processes"]
+            row = max(row, rows[key], key=lambda x: x["peak_rss_gib"]) | {"processes": row["processes"]}
+        rows[key] = row
+    return sorted(rows.values(), key=lambda r: (r["kind"], str(r["rank"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,13 +278,12 @@ def rehearse(name: str, jobs: Jobs, work: Path, args) -> dict:
     recipe = load_recipe(path, overrides)
     run_dir = recipe.run_dir
     rss = work / name / "rss"
-    res["A"] = {"wall_s": jobs.train(f"{name}-A", 2, 1, [str(path), *overrides], rss / "A"),
-                "rss": rss_records(rss / "A")}
+    res["A"] = jobs.train(f"{name}-A", 2, 1, [str(path), *overrides], rss / "A")
+    res["A"]["attempts"] = len(json.loads((run_dir / "goodput.json").read_text())["attempts"])   # 1: uninterrupted
     folder = run_dir / "ckpt" / ckpt.tag_for(SAVED_AT)
     res["checkpoint"] = {"world": 2, "measured": folder_bytes(folder), "plan": predicted(recipe, 2)}
     reference = rewind(run_dir, SAVED_AT)
-    res["B"] = {"wall_s": jobs.train(f"{name}-B", 1, 2, [str(run_dir / "recipe.yaml")], rss / "B"),
-                "rss": rss_records(rss / "B")}
+    res["B"] = jobs.train(f"{name}-B", 1, 2, [str(run_dir / "recipe.yaml")], rss / "B")
     got = metrics(run_dir)[STEPS]
     res["step3"] = {"uninterrupted": reference[STEPS], "resumed": got,
                     "loss_rel_diff": abs(got["loss"] - reference[STEPS]["loss"]) / abs(reference[STEPS]["loss"])}
@@ -287,15 +296,15 @@ def rehearse(name: str, jobs: Jobs, work: Path, args) -> dict:
     res["export"] = {"wall_s": jobs.cli([sys.executable, "-m", "elt_scale.export", str(run_dir), "--ema", "--out",
                                          str(export)], "elt-export", rss / "export"), "bytes": export.stat().st_size}
     sampler = ["--sampler", "ddim"] if base.model.family == "diffusion" else []
+    loops, num = (str(base.model.loops), "1") if args.ci else (f"1,{base.model.loops}", "2")   # CI: the cheapest
     samples = work / name / "samples"
-    res["sample"] = {"wall_s": jobs.cli([sys.executable, "-m", "elt_scale.sample", str(export), "--loops",
-                                         f"1,{base.model.loops}", "-n", "2", "--steps", "2", *sampler, "--out",
-                                         str(samples)], "elt-sample", rss / "sample"),
+    res["sample"] = {"wall_s": jobs.cli([sys.executable, "-m", "elt_scale.sample", str(export), "--loops", loops,
+                                         "-n", num, "--steps", "2", *sampler, "--out", str(samples)], "elt-sample",
+                                        rss / "sample"),
                      "files": sorted(p.name for p in samples.iterdir())}
     res["cli_rss"] = rss_records(rss / "export") + rss_records(rss / "sample")
     if not args.ci:        # C: resume-only on 2 ranks from B's 1-rank checkpoint (train.steps is already 3)
-        res["C"] = {"wall_s": jobs.train(f"{name}-C", 2, 1, [str(run_dir / "recipe.yaml")], rss / "C"),
-                    "rss": rss_records(rss / "C")}
+        res["C"] = jobs.train(f"{name}-C", 2, 1, [str(run_dir / "recipe.yaml")], rss / "C")
     res["params"] = parameter_counts(recipe)["unique"]
     return res
 
@@ -315,7 +324,7 @@ def summary(name: str, r: dict) -> list[str]:
         if phase in r:
             ranks = ", ".join(f"{x['kind']} {x['rank']}@{x['node']}: {x['peak_rss_gib']:.2f} GiB ({x['wall_s']:.0f} s)"
                               for x in r[phase]["rss"])
-            lines.append(f"  {phase}: {r[phase]['wall_s']:.0f} s job; peak RSS {ranks}")
+            lines.append(f"  {phase}: {r[phase]['wall_s']:.0f} s job, {r[phase]['restarts']} restart(s); peak RSS {ranks}")
     for key in ("checkpoint", "checkpoint_world1"):
         c = r[key]
         lines.append(f"  checkpoint bytes (world {c['world']}): measured {c['measured']['total']:,} "
