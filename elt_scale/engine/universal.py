@@ -156,10 +156,12 @@ def without_module_weights(universal: Path) -> None:
     metadata (world sizes, step counters, parameter shapes) but restores weights from zero/, and each rank
     would otherwise unpickle the whole module (a ZeRO-1/2 checkpoint's, at the training precision) twice."""
     for f in universal.glob("*model_states.pt"):
-        states = torch.load(f, map_location="cpu", weights_only=False)
+        # memory-mapped, so the weights dropped are never read in; rewritten aside, as the map still reads f
+        states = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
         if states.get("module"):
             states["module"] = {}
-            torch.save(states, f)
+            torch.save(states, f.with_name(f.name + ".tmp"))
+            os.replace(f.with_name(f.name + ".tmp"), f)
 
 
 def load_weights(model, resume_from: Path, deadline_s: float) -> None:
