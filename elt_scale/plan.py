@@ -166,6 +166,25 @@ def state_bytes(params: dict, zero_stage: int, world: int, precision: Precision)
     return {"weights": weights, "grads": grads, "optimizer": optimizer}
 
 
+def checkpoint_bytes(params: dict, zero_stage: int, world: int, precision: str, ema: bool) -> dict:
+    """Payload bytes of one checkpoint folder (engine/checkpoint.py), by file kind, and the most one rank writes:
+      module     rank 0's model-states file: the module's weights at the training precision (nothing at
+                 ZeRO-3, where the weights are partitioned into the ZeRO files)
+      optimizer  one ZeRO file per rank, 1/W each: DeepSpeed's fp32 master partition and Adam's m, v = 12Ψ at
+                 stages 1-3 (fp32 training too: DeepSpeed keeps a separate fp32 partition), and the bf16
+                 optimizer at stage 0; fp32 at stage 0 saves only m, v (8Ψ) in rank 0's model-states file
+      ema        the fp32 EMA shards (engine/ema.py), 4Ψ in all, 1/W each
+    Pickle framing and ZeRO's padding are not counted (bench/RESULTS.md compares this with real folders)."""
+    psi = params["unique"]
+    module = 0 if zero_stage == 3 else psi * PRECISIONS[precision].weight
+    replicated = zero_stage == 0 and precision == "fp32"
+    optimizer = psi * (8 if replicated else 12)
+    ema_bytes = 4 * psi if ema else 0
+    rank0 = module + (optimizer if replicated else optimizer / world) + ema_bytes / world
+    return {"module": module, "optimizer": optimizer, "ema": ema_bytes, "total": module + optimizer + ema_bytes,
+            "per_rank_max": rank0}
+
+
 def memory(recipe, params: dict, b: int, zero_stage: int, policy: str, world: int, precision: Precision) -> dict:
     parts = state_bytes(params, zero_stage, world, precision)
     act = activation_parts(recipe, b, policy, precision)
@@ -226,6 +245,7 @@ def make_plan(recipe, gpus: int, gpu_mem_gib: float, mfu: float = 0.4, peak_tflo
         "micro_batch": micro, "grad_accum": accum, "global_batch": gb, "batch_note": batch_note,
         "recipe_setting": {"zero_stage": recipe.deepspeed.zero_stage, "checkpointing": t.checkpointing},
         "memory": rows,
+        "checkpoint": checkpoint_bytes(params, recipe.deepspeed.zero_stage, gpus, precision, t.ema_decay > 0),
         "steps": t.steps, "mfu": mfu, "peak_tflops": peak_tflops,
         "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus,
     }
@@ -254,6 +274,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  {r['zero_stage']:>4} {r['checkpointing']:<6}{r['weights']:8.2f}{r['grads']:7.2f}"
                      f"{r['optimizer']:7.2f}{r['activations']:7.2f}{r['total']:11.2f}  {'yes' if r['fits'] else 'NO ':<4}"
                      f"  {r['max_micro_batch']:>6}{mark}")
+    c = plan["checkpoint"]
+    lines += ["", f"  checkpoint (ZeRO-{chosen['zero_stage']}, {plan['precision']}): {c['total'] / GiB:.2f} GiB per save "
+                  f"({c['module'] / GiB:.2f} module + {c['optimizer'] / GiB:.2f} optimizer + {c['ema'] / GiB:.2f} EMA), "
+                  f"at most {c['per_rank_max'] / GiB:.2f} GiB from one rank"]
     lines += ["", f"  {plan['steps']} steps × {plan['global_batch']} samples at MFU {plan['mfu']:.0%} of "
                   f"{plan['peak_tflops']:g} TFLOP/s: {plan['gpu_hours']:,.0f} GPU-hours "
                   f"({plan['wall_hours']:,.1f} h on {plan['gpus']} GPUs)"]

@@ -16,10 +16,10 @@ that the trainer prints before exiting SAVE_FAILED_EXIT_CODE. Not retried by slu
 disk stays full until someone frees space; then the rerun resumes from `latest`.
 
 Resuming on the same world size restores everything through `engine.load_checkpoint`. On a different
-world size the fp32 weights are consolidated (zero_to_fp32) and loaded before `deepspeed.initialize`,
-the EMA is re-sliced, step/LR schedule/data position continue; the optimizer moments and step count come
-from a universal checkpoint (universal.py) and each rank's data stream is the new world's (the stream is
-a function of rank and world)."""
+world size the checkpoint is converted once into a universal checkpoint (universal.py), each rank reads the
+fp32 weights from it parameter by parameter before `deepspeed.initialize` and the optimizer moments and step
+count after it, the EMA is re-sliced, step/LR schedule/data position continue, and each rank's data stream
+is the new world's (the stream is a function of rank and world)."""
 from __future__ import annotations
 
 import dataclasses

@@ -3,8 +3,8 @@
 Each rank keeps the EMA only of the *fragment* of each parameter it owns, read straight from the
 optimizer's fp32 master copy (ds_internals.fp32_fragment says which piece at each ZeRO stage), so an
 update is a local lerp with no communication. A fragment is (start, numel) in the flattened parameter,
-so shards from any world size consolidate into full tensors (inference.weights.consolidated_ema) and a
-resume on a different world size re-slices them.
+so shards from any world size consolidate into full tensors (inference.weights.consolidated_ema, for export)
+and a resume on a different world size re-slices them (each rank reading only the slices it owns).
 Files: one `ema_rank{r:05d}.safetensors` per rank in the checkpoint folder (no pickles)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..inference.weights import consolidated_ema, ema_file
+from ..inference.weights import EMA_GLOB, ema_file
 from .ds_internals import fp32_fragment, full_shape
 
 
@@ -57,10 +57,28 @@ class ShardedEMA:
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
-        """Take this rank's fragments out of the consolidated EMA (works for any saved world size)."""
-        full = consolidated_ema(folder)
-        missing = sorted(set(self.shadow) - set(full))
-        if missing:
-            raise KeyError(f"{folder}: EMA shards lack parameter(s) {missing[:3]}")
-        for name, (start, t) in self.shadow.items():
-            t.copy_(full[name].view(-1)[start:start + t.numel()])
+        """This rank's fragments from the saved shards of any world size: from each file only the slices that
+        overlap them, so a rank reads its share of the EMA and never builds the whole of it (every rank of a
+        node did, before: a full fp32 copy of the model each)."""
+        from safetensors import safe_open
+        files = sorted(Path(folder).glob(EMA_GLOB))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no EMA shards ({EMA_GLOB})")
+        covered = dict.fromkeys(self.shadow, 0)
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                starts = json.loads(sf.metadata()["starts"])
+                for name in set(sf.keys()) & set(self.shadow):
+                    covered[name] += self._copy_overlap(name, sf.get_slice(name), starts[name])
+        short = sorted(n for n, c in covered.items() if c != self.shadow[n][1].numel())
+        if short:
+            raise KeyError(f"{folder}: EMA shards lack (part of) parameter(s) {short[:3]}")
+
+    def _copy_overlap(self, name: str, saved, saved_start: int) -> int:
+        """Copy the part of a saved fragment [saved_start, +len) that this rank owns; returns its length."""
+        start, t = self.shadow[name]
+        lo, hi = max(start, saved_start), min(start + t.numel(), saved_start + saved.get_shape()[0])
+        if lo >= hi:
+            return 0
+        t[lo - start:hi - start].copy_(saved[lo - saved_start:hi - saved_start])
+        return hi - lo

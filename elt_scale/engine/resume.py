@@ -2,8 +2,9 @@
 config and optimizer, and the train state, fresh or resumed.
 
     same layout (world size and ZeRO stage)   DeepSpeed's own load: bitwise-exact continuation
-    another layout                             consolidated fp32 weights before `deepspeed.initialize`, then
-                                               Adam's moments through a universal checkpoint (universal.py)
+    another layout                             fp32 weights parameter by parameter from a universal checkpoint
+                                               before `deepspeed.initialize`, then Adam's moments from it
+                                               (universal.py): no rank holds a consolidated copy of the model
     fresh                                      step 0, a new wandb id
 The EMA, kept sharded like the master weights, is re-sliced from its shards on any layout.
 
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ..config import merge
-from ..inference.weights import consolidated_weights
 from ..models import build_model
 from . import checkpoint as ckpt
 from . import universal
@@ -55,7 +55,7 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
     if saved and (why := ckpt.shape_mismatch(saved.model_shapes, shapes)):
         raise ResumeRefused(f"cannot resume from {resume_from}: {why}; a different model needs its own run.name")
     if saved and not same_layout:
-        model.load_state_dict(consolidated_weights(resume_from))
+        universal.load_weights(model, resume_from, recipe.train.watchdog_first_s)
         ds_config = universal.universal_config(ds_config, resume_from, stage)
     if recipe.train.compile:
         model.trunk.compile_block()

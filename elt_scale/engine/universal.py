@@ -5,6 +5,13 @@ fp32 / exp_avg / exp_avg_sq (/ step) file per parameter, cached beside the origi
 
     <run>/ckpt/step_00001000/universal/{zero/<param name>/*.pt, zero/optimizer_state.pt, *model_states.pt}
 
+Every rank first reads the fp32 weights from the per-parameter files into its model, one parameter at a time
+(`load_weights`, before `deepspeed.initialize`), so a rank holds its model and one parameter's file, never a
+consolidated copy of the whole model: DeepSpeed's zero_to_fp32, used here before, read every rank's shard and
+built the full fp32 state dict on every rank (8 ranks per node: 8 copies, bench/RESULTS.md measures both).
+The conversion's copy of the model-states file keeps DeepSpeed's metadata but not the module's weights, which
+its universal load never reads and would otherwise unpickle (twice) on every rank.
+
 Then, with this DeepSpeed (0.19.8):
   - ZeRO-1/2 -> ZeRO-1/2 on another world size: DeepSpeed's own universal load (`checkpoint.load_universal`).
   - every other change (ZeRO-1/2 <-> ZeRO-3, ZeRO-3 -> ZeRO-3 on another world size, or to stage 0): our own
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import merge
-from ..inference.weights import read_client
+from ..inference.weights import consolidated_weights, read_client
 from .distributed import solo
 from .ds_internals import adam_step, load_zero3, load_zero12
 
@@ -101,6 +108,7 @@ def run_ds_to_universal(folder: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed on {folder}:\n{said}")
     as_zero12_files(tmp / "zero", read_client(folder).get("model_shapes") or {})
+    without_module_weights(tmp)
     os.replace(tmp, out)
 
 
@@ -143,8 +151,36 @@ def as_zero12_files(states: Path, shapes: dict) -> None:
                 torch.save({"param": t.view(shape)}, f)
 
 
+def without_module_weights(universal: Path) -> None:
+    """The copied *model_states.pt files minus the module's weights: DeepSpeed's universal load reads their
+    metadata (world sizes, step counters, parameter shapes) but restores weights from zero/, and each rank
+    would otherwise unpickle the whole module (a ZeRO-1/2 checkpoint's, at the training precision) twice."""
+    for f in universal.glob("*model_states.pt"):
+        # memory-mapped, so the weights dropped are never read in; rewritten aside, as the map still reads f
+        states = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        if states.get("module"):
+            states["module"] = {}
+            torch.save(states, f.with_name(f.name + ".tmp"))
+            os.replace(f.with_name(f.name + ".tmp"), f)
+
+
+def load_weights(model, resume_from: Path, deadline_s: float) -> None:
+    """Every rank, before `deepspeed.initialize`: the fp32 weights of a checkpoint saved under another layout,
+    parameter by parameter from its universal conversion (made here once, `convert`), so the rank's peak is
+    its model plus one parameter's file. A stage-0 checkpoint has no ZeRO shards to convert: its one
+    model-states file holds the weights (read memory-mapped). The models keep no state in buffers (they are
+    built from the recipe), and the universal files hold parameters only."""
+    if source_stage(resume_from) == 0:
+        model.load_state_dict(consolidated_weights(resume_from))
+        return
+    states = convert(resume_from, deadline_s) / "zero"
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(read(states / name, "fp32").view_as(param))
+
+
 def load(engine, resume_from: Path, zero_stage: int, deadline_s: float) -> str:
-    """Collective, after `deepspeed.initialize` (with `universal_config`) and the consolidated weights:
+    """Collective, after `load_weights` and `deepspeed.initialize` (with `universal_config`):
     fp32 master weights, Adam moments and step counts of a checkpoint saved under another layout. Returns how."""
     source = source_stage(resume_from)
     if source == 0:

@@ -57,7 +57,8 @@ def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
         quiet_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # memory-mapped: a stage-0 file also holds the optimizer's moments, which nobody here reads
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -86,6 +86,58 @@ def test_ema_shards_consolidate_and_reslice_across_world_sizes(tmp_path):
     (tmp_path / "ema_rank00001.safetensors").unlink()
     with pytest.raises(ValueError, match="cover only part"):
         consolidate(tmp_path)
+    with pytest.raises(KeyError, match="lack \\(part of\\) parameter"):   # a resume finds the hole too
+        ShardedEMA(module, 0.9, 0, 1).load(tmp_path)
+
+
+def test_ema_load_reads_only_the_slices_a_rank_owns(tmp_path, monkeypatch):
+    """A resume's EMA load holds this rank's share, not the whole EMA: no shard is read whole, and the slices
+    read add up to the rank's own fragments (it consolidated every shard on every rank before issue 38)."""
+    import safetensors
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 20))
+    for r in range(2):                                                  # saved on 2 ranks
+        ShardedEMA(module, 0.9, r, 2).save(tmp_path)
+    real_open, read = safetensors.safe_open, []
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"a whole EMA shard was read ({name})")
+
+        def get_slice(self, name):
+            inner = self.inner.get_slice(name)
+
+            class Slice:
+                get_shape = inner.get_shape
+
+                def __getitem__(self, index):
+                    t = inner[index]
+                    read.append(t.numel())
+                    return t
+            return Slice()
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    for r in range(3):                                                  # resumed on 3 ranks
+        read.clear()
+        e = ShardedEMA(module, 0.9, r, 3)
+        e.load(tmp_path)
+        assert sum(read) == sum(t.numel() for _, t in e.shadow.values())
+        for name, (start, t) in e.shadow.items():
+            want = dict(module.named_parameters())[name].detach().reshape(-1)[start:start + t.numel()]
+            assert torch.equal(t, want)
 
 
 def test_poison_turns_a_bad_loss_into_nan_gradients_and_leaves_a_good_one_exact():
@@ -165,3 +217,33 @@ def test_pyproject_declares_the_tested_deepspeed_range():
     from elt_scale.engine.ds_internals import TESTED_TEXT
     from tests.conftest import ROOT
     assert f'"deepspeed{TESTED_TEXT}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_cross_layout_weights_load_one_parameter_at_a_time(tmp_path, monkeypatch):
+    """Before deepspeed.initialize, a rank resuming on another layout reads each parameter's fp32 file of the
+    universal conversion once, and nothing larger: no consolidated copy of the model (issue 38 item 3)."""
+    from elt_scale.engine import universal
+    from elt_scale.models import build_model
+    recipe = load_recipe(ROOT / "recipes" / "digits_masked.yaml", ["model.width=32"])
+    torch.manual_seed(1)
+    saved = {n: torch.randn_like(p) for n, p in build_model(recipe).named_parameters()}
+    folder = tmp_path / "step_00000002"
+    (folder / universal.UNIVERSAL / "zero").mkdir(parents=True)         # converted already (cached)
+    (folder / ckpt.CLIENT_STATE).write_text(json.dumps({"step": 2, "zero_stage": 2}))
+    for name, t in saved.items():
+        (folder / universal.UNIVERSAL / "zero" / name).mkdir()
+        torch.save({"param": t}, folder / universal.UNIVERSAL / "zero" / name / "fp32.pt")
+    loaded, real_load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        out = real_load(f, *args, **kwargs)
+        loaded.append((str(f), sum(t.numel() for t in out.values() if torch.is_tensor(t))))
+        return out
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(universal, "consolidated_weights", lambda *a: pytest.fail("consolidated the whole model"))
+    model = build_model(recipe)
+    universal.load_weights(model, folder, deadline_s=60)
+    assert sorted(f for f, _ in loaded) == sorted(str(folder / "universal" / "zero" / n / "fp32.pt") for n in saved)
+    assert max(n for _, n in loaded) == max(t.numel() for t in saved.values())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), saved[name])

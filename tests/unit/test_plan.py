@@ -278,3 +278,23 @@ def test_save_interval_is_young_daly_from_a_measured_ledger(tmp_path):
     assert s["expected_loss"] == pytest.approx(10.0 / s["interval_s"] + s["interval_s"] / (2 * mtbf_s))
     with pytest.raises(FileNotFoundError, match="goodput"):
         save_interval(plan, 1000.0, from_run=tmp_path / "nowhere")
+
+
+def test_checkpoint_bytes_by_stage_world_and_ema():
+    """What a save writes (engine/checkpoint.py): the module once (rank 0), 12Ψ of fp32 master + Adam over the
+    ZeRO files (1/W each), the fp32 EMA shards; fp32 at stage 0 keeps only m, v (8Ψ), all in rank 0's file.
+    bench/rehearsal.py holds the masked XL figure against a real folder (measured/plan 1.0000)."""
+    from elt_scale.plan import checkpoint_bytes, format_plan
+    psi = 1000
+    params = {"unique": psi}
+    z1 = checkpoint_bytes(params, 1, 4, "fp32", ema=True)
+    assert (z1["module"], z1["optimizer"], z1["ema"], z1["total"]) == (4 * psi, 12 * psi, 4 * psi, 20 * psi)
+    assert z1["per_rank_max"] == 4 * psi + 3 * psi + psi
+    assert checkpoint_bytes(params, 2, 4, "bf16", ema=False)["total"] == 14 * psi
+    assert checkpoint_bytes(params, 3, 4, "bf16", ema=False)["module"] == 0
+    z0 = checkpoint_bytes(params, 0, 4, "fp32", ema=False)
+    assert z0["optimizer"] == 8 * psi and z0["per_rank_max"] == 12 * psi
+    recipe = load_recipe(ROOT / "recipes" / "imagenet256_masked_elt_xl_7x4.yaml")
+    plan = make_plan(recipe, gpus=32, gpu_mem_gib=80)
+    assert plan["checkpoint"]["total"] == 14 * plan["params"]["unique"]     # bf16 module + 12Ψ, no EMA
+    assert "checkpoint (ZeRO-1, bf16)" in format_plan(plan)
