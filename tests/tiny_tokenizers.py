@@ -93,6 +93,10 @@ def write_diffusers_tokenizer(name: str, directory: Path, temporal: int, spatial
         diffusers.AutoencoderKLWan(base_dim=4, z_dim=channels, dim_mult=[1] * (steps + 1), num_res_blocks=1,
                                    temperal_downsample=flags).save_pretrained(directory)
         return directory
+    if name == "maskgit-vq":       # not a diffusers model: a state dict file in `directory`
+        directory.mkdir(parents=True, exist_ok=True)
+        write_maskgit_vq(directory, spatial, vocab)
+        return directory
     n = _blocks(spatial)
     small = dict(block_out_channels=[4] * n, down_block_types=["DownEncoderBlock2D"] * n,
                  up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=1, norm_num_groups=2)
