@@ -55,7 +55,7 @@ def start_engine(recipe, ds_config: dict, resume_from: Path | None, rank: int, w
     if saved and (why := ckpt.shape_mismatch(saved.model_shapes, shapes)):
         raise ResumeRefused(f"cannot resume from {resume_from}: {why}; a different model needs its own run.name")
     if saved and not same_layout:
-        universal.load_weights(model, resume_from, recipe.train.watchdog_first_s)
+        universal.load_weights(model, resume_from, recipe.train.solo_timeout_s)
         ds_config = universal.universal_config(ds_config, resume_from, stage)
     if recipe.train.compile:
         model.trunk.compile_block()
