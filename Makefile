@@ -26,19 +26,25 @@ demo: setup
 reproduce: setup
 	$(PY) -m studies.reproduce
 
-# the whole suite, as CI runs it (.ci/run)
+# Two pytest workers, a test file each at a time (a file's tests run in order, on one worker): most tests wait on
+# processes they started, so two at once take about half the time on 2 cores (docs/tests.md). The Slurm tier
+# runs alone after them: two loopback clusters on one host disturb each other (munge, ports).
+PAR ?= -n 2 --dist loadfile
+
+# the whole suite, as CI runs it (.ci/run); the long e2e and multiproc files first, so no worker ends alone
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 $(PAR) tests/e2e tests/multiproc tests/unit
+	$(PY) -m pytest -q --durations=10 tests/cluster
 
 # one tier each (tests/<tier>/__init__.py says what belongs there); test-fast is the inner loop
 test-fast: setup
-	$(PY) -m pytest -q --durations=10 tests/unit
+	$(PY) -m pytest -q --durations=10 $(PAR) tests/unit
 
 test-multiproc: setup
-	$(PY) -m pytest -q --durations=10 tests/multiproc
+	$(PY) -m pytest -q --durations=10 $(PAR) tests/multiproc
 
 test-e2e: setup
-	$(PY) -m pytest -q --durations=10 tests/e2e
+	$(PY) -m pytest -q --durations=10 $(PAR) tests/e2e
 
 # needs root and slurm-wlm + munge (.ci/run apt-installs them): a real two-node Slurm cluster on loopback
 test-cluster: setup
