@@ -28,7 +28,8 @@ RECIPE = ROOT / "recipes" / "digits_masked.yaml"
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m studies.mosaic_explore", description=__doc__)
     p.add_argument("--out", default="mosaic_out", help="runs, logs and rows.jsonl (default mosaic_out)")
-    p.add_argument("--grid", default="2x2", help="--mosaic-grid (default 2x2)")
+    p.add_argument("--grid", default="2x2", help="--mosaic-grid (default 2x2); 1x1: the plain 8x8 digits source "
+                                                 "(the reproduce study's masked data; --rule is then unused)")
     p.add_argument("--rule", default="sum", help="--mosaic-rule (default sum)")
     p.add_argument("--seeds", default="0,1", help="comma-separated run.seed values (default 0,1)")
     p.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
@@ -51,8 +52,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     rows, cols = (int(v) for v in args.grid.split("x"))
-    shards = out / "shards" / f"mosaic-{args.grid}-{args.rule}"
-    tokenize(shards, ("--mosaic-grid", args.grid, "--mosaic-rule", args.rule, "--workers", "0"), "digit-mosaic")
+    if (rows, cols) == (1, 1):
+        shards = out / "shards" / "digits"
+        tokenize(shards, ("--workers", "0"), "digits")
+    else:
+        shards = out / "shards" / f"mosaic-{args.grid}-{args.rule}"
+        tokenize(shards, ("--mosaic-grid", args.grid, "--mosaic-rule", args.rule, "--workers", "0"), "digit-mosaic")
     m = load_recipe(RECIPE).model
     extra = [f"model.grid=[{8 * rows},{8 * cols}]", *args.overrides]
     for seed in (int(s) for s in args.seeds.split(",")):
