@@ -101,16 +101,25 @@ def job_env(tmp_path):
             "PATH": path, "VIRTUAL_ENV": ""}
 
 
-def mapped_shm() -> set[str]:
-    """Names of the /dev/shm files some live process has mapped (read from /proc/*/maps)."""
-    names = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+def shm_in_use(names: set[str]) -> set[str]:
+    """Those of `names` (/dev/shm files) that a live process holds open or maps (from /proc/*/fd and maps).
+    DeepSpeed creates a segment, writes its 69 MB through the descriptor, and only then maps it: a segment in
+    that window is open, not yet mapped."""
+    def links(proc: Path):
+        for fd in proc.glob("fd/*"):
+            try:
+                yield os.readlink(fd)
+            except OSError:
+                pass                                   # closed while we looked
+
+    held = set()
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            names.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps.read_text().splitlines()
-                         if "/dev/shm/deepspeed" in line)
-        except (OSError, IndexError):
-            pass                                       # the process ended while we read it
-    return names
+            paths = [line.split()[-1] for line in (proc / "maps").read_text().splitlines()] + list(links(proc))
+        except OSError:
+            continue                                   # the process ended while we read it
+        held.update(path.split("/dev/shm/", 1)[1] for path in paths if path.startswith("/dev/shm/deepspeed"))
+    return names & held
 
 
 @pytest.fixture(autouse=True)
@@ -124,9 +133,10 @@ def no_shared_memory_left_behind():
     ours = lambda: {n for n in os.listdir(shm) if n.startswith("deepspeed")} if shm.is_dir() else set()  # noqa: E731
     before = ours()
     yield
-    # a segment a live process still maps belongs to a run in flight (another xdist worker's test): only an
-    # unmapped one is a leak (a run's ranks unlink theirs while they still map them, elt_scale/engine/distributed.py)
-    left = sorted(ours() - before - mapped_shm())
+    # a segment a live process still holds belongs to a run in flight (another xdist worker's test): only one
+    # nobody holds is a leak (a run's ranks unlink theirs while they still map them, elt_scale/engine/distributed.py)
+    new = ours() - before
+    left = sorted(new - shm_in_use(new)) if new else []
     for name in left:                                  # one failure, not one per later test
         (shm / name).unlink(missing_ok=True)
     assert not left, f"left behind in /dev/shm: {left}"
