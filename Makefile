@@ -27,14 +27,15 @@ reproduce: setup
 	$(PY) -m studies.reproduce
 
 # Two pytest workers, a test file each at a time (a file's tests run in order, on one worker): most tests wait on
-# processes they started, so two at once take about half the time on 2 cores (docs/tests.md). The Slurm tier
-# runs alone after them: two loopback clusters on one host disturb each other (munge, ports).
-PAR ?= -n 2 --dist loadfile
+# processes they started, so two at once save time on 2 cores (docs/tests.md). Run alone after them: the Slurm
+# tier (two loopback clusters on one host disturb each other: munge, ports) and the `alone` tests (throughput
+# ratios that need the cores to themselves).
+PAR ?= -n 2 --dist loadfile -m "not alone"
 
 # the whole suite, as CI runs it (.ci/run); the long e2e and multiproc files first, so no worker ends alone
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PAR) tests/e2e tests/multiproc tests/unit
-	$(PY) -m pytest -q --durations=10 tests/cluster
+	$(PY) -m pytest -q --durations=10 -m "alone or slurm" tests/multiproc tests/cluster
 
 # one tier each (tests/<tier>/__init__.py says what belongs there); test-fast is the inner loop
 test-fast: setup
@@ -42,6 +43,7 @@ test-fast: setup
 
 test-multiproc: setup
 	$(PY) -m pytest -q --durations=10 $(PAR) tests/multiproc
+	$(PY) -m pytest -q --durations=10 -m alone tests/multiproc
 
 test-e2e: setup
 	$(PY) -m pytest -q --durations=10 $(PAR) tests/e2e

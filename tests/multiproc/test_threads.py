@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, ok, read_metrics, run_train, train_cmd
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.alone]     # a ratio of steps/s: the cores to itself
 
 QUICK = ("train.steps=150", "train.log_every=10", "train.save_every=1000", "train.micro_batch=32",
          "train.warmup_steps=1")
