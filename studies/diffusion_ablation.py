@@ -57,6 +57,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def setting(variant: str) -> str:
+    """The key of the plain model a variant is paired with: its steps factor and width ("x1", "x2", "x196")."""
+    factor, width = VARIANTS[variant][1]
+    return f"x{factor}" + "".join(w.split("=")[1] for w in width[:1])
+
+
 def plan(variants: list[str], seeds: list[int], steps: int, shards: Path, out: Path) -> dict[tuple, Run]:
     """(kind, variant-or-setting, seed) -> Run; plain models are keyed by their setting, so variants that share
     one (steps and width) share one plain model."""
@@ -65,11 +71,11 @@ def plan(variants: list[str], seeds: list[int], steps: int, shards: Path, out: P
         for v in variants:
             looped, (factor, width) = VARIANTS[v]
             looped = tuple(o.replace("HALF", str(steps * factor // 2)) for o in looped)
-            setting = f"x{factor}" + "".join(w.split("=")[1] for w in width[:1])
+            key = setting(v)
             runs["looped", v, seed] = Run("diffusion", v, seed, RECIPE, shards, out / "runs" / f"{v}_s{seed}",
                                           (*looped, *width, f"train.steps={steps * factor}"))
-            runs["plain", setting, seed] = Run("diffusion", f"plain_deep_{setting}", seed, RECIPE, shards,
-                                               out / "runs" / f"plain_deep_{setting}_s{seed}",
+            runs["plain", key, seed] = Run("diffusion", f"plain_deep_{key}", seed, RECIPE, shards,
+                                           out / "runs" / f"plain_deep_{key}_s{seed}",
                                                (*DEEP, *width, f"train.steps={steps * factor}"))
     return runs
 
@@ -105,18 +111,17 @@ def main(argv=None) -> int:
     tokenize(shards, ("--pixel-mode", "identity"))
     runs = plan(variants, seeds, args.steps, shards, out)
     # longest first, so two jobs end together; each run carries its own train.steps (the last override wins)
-    order = sorted(runs.values(), key=lambda r: -int(r.overrides[-1].split("=")[1]) * (2 if "width" in r.name else 1))
+    cost = lambda r: int(r.overrides[-1].split("=")[1]) * (2 if "model.width=96" in r.overrides else 1)  # noqa: E731
+    order = sorted(runs.values(), key=cost, reverse=True)
     train_all(order, args.steps, [], args.jobs, out / "logs")
     losses = {key: held_out(run) for key, run in runs.items()}
     rows = []
     for (kind, v, seed), run in runs.items():
         if kind != "looped":
             continue
-        factor, width = VARIANTS[v][1]
-        setting = f"x{factor}" + "".join(w.split("=")[1] for w in width[:1])
         rows.append({"variant": v, "seed": seed, "overrides": list(run.overrides),
-                     "looped": [round(losses[key][L], 5) for key in [(kind, v, seed)] for L in sorted(losses[key])],
-                     "plain": round(losses["plain", setting, seed][1], 5)})
+                     "looped": [round(loss, 5) for _, loss in sorted(losses[kind, v, seed].items())],
+                     "plain": round(losses["plain", setting(v), seed][1], 5)})
     with open(out / "rows.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     text = table(rows, args.steps) + f"\n\nWall {(time.time() - start) / 60:.1f} min.\n"
