@@ -61,6 +61,15 @@ def run_train(recipe: str, *overrides: str, nprocs: int = 1, timeout: int = 600,
                           text=True, timeout=timeout, env=e)
 
 
+def shrunk_masked_overrides(shards: Path, out: Path, grid: str, steps: int) -> list[str]:
+    """A paper masked recipe shrunk to a CPU test: the given code grid, a one-layer width-32 trunk looped twice,
+    batch 2, `steps` steps, one in-training evaluation at the last step; the recipe's vocabulary is kept."""
+    return [f"data.shards={shards}", f"run.out_dir={out}", "data.num_workers=0", f"model.grid={grid}",
+            "model.width=32", "model.heads=2", "model.unique_layers=1", "model.loops=2", "train.micro_batch=2",
+            "train.global_batch=2", f"train.steps={steps}", "train.warmup_steps=1", "train.log_every=1",
+            "train.save_every=0", "deepspeed.zero_stage=0", f"eval.every={steps}", "eval.num=2", "eval.steps=2"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -17,7 +17,7 @@ from data_prep.decode import VideoDecoder
 from elt_scale.config import load_recipe
 from elt_scale.data import check_manifest
 from elt_scale.tokenizers import build_tokenizer, tokenizer_from_manifest
-from tests.conftest import ROOT, read_metrics, run_train
+from tests.conftest import ROOT, read_metrics, run_train, shrunk_masked_overrides
 from tests.datasets import read_samples
 from tests.tiny_models import TinyI3D, scripted
 from tests.tiny_tokenizers import make_ucf_tree, write_jit_tokenizer
@@ -128,10 +128,7 @@ def test_bf16_from_config_and_lazy_loading(tmp_path):
 def shrunk_recipe(shards: Path, out: Path) -> list[str]:
     """recipes/ucf101_masked_elt_6x4.yaml at 16² pixels instead of 128² (grid 5×2×2 instead of 5×16×16),
     a tiny trunk, and its 64,000-code vocabulary kept."""
-    return [f"data.shards={shards}", f"run.out_dir={out}", "data.num_workers=0", "model.grid=[5,2,2]",
-            "model.width=32", "model.heads=2", "model.unique_layers=1", "model.loops=2", "train.micro_batch=2",
-            "train.global_batch=2", "train.steps=4", "train.warmup_steps=1", "train.log_every=1",
-            "train.save_every=0", "deepspeed.zero_stage=0", "eval.every=4", "eval.num=2", "eval.steps=2"]
+    return shrunk_masked_overrides(shards, out, "[5,2,2]", steps=4)
 
 
 def test_masked_ucf101_recipe_trains_and_samples_17_frame_videos(shards, tmp_path):

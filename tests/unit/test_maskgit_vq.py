@@ -321,17 +321,14 @@ def test_masked_imagenet_recipe_trains_on_maskgit_codes_and_samples_images(tmp_p
 
     from elt_scale.config import load_recipe
     from elt_scale.data import check_manifest
-    from tests.conftest import ROOT, read_metrics, run_train
+    from tests.conftest import ROOT, read_metrics, run_train, shrunk_masked_overrides
 
     weights = write_maskgit_vq(tmp_path / "models" / "maskgit-vqgan-imagenet-f16-256.bin", spatial=16, vocab=1024)
     tree, shards = make_imagenet_tree(tmp_path / "imagenet", per_class=2), tmp_path / "in256-vq"
     assert tokenize.main(["--source", "imagenet", "--input", str(tree), "--resolution", "32", "--tokenizer",
                           "maskgit-vq", "--tokenizer-path", str(weights.parent), "--out", str(shards),
                           "--workers", "0", "--device", "cpu"]) == 0
-    overrides = [f"data.shards={shards}", f"run.out_dir={tmp_path}", "data.num_workers=0", "model.grid=[2,2]",
-                 "model.width=32", "model.heads=2", "model.unique_layers=1", "model.loops=2", "train.micro_batch=2",
-                 "train.global_batch=2", "train.steps=2", "train.warmup_steps=1", "train.log_every=1",
-                 "train.save_every=0", "deepspeed.zero_stage=0", "eval.every=2", "eval.num=2", "eval.steps=2"]
+    overrides = shrunk_masked_overrides(shards, tmp_path, "[2,2]", steps=2)
     recipe = load_recipe(ROOT / "recipes" / "imagenet256_masked_elt_xl_7x4.yaml", overrides)
     assert recipe.model.vocab_size == 1024
     check_manifest(json.loads((shards / "manifest.json").read_text()), recipe, str(shards))
